@@ -1,0 +1,119 @@
+"""The Llama-family transformer: RMSNorm, RoPE, GQA attention, SwiGLU MLP.
+
+It knows nothing of Ray, HTTP or distribution.  Parallelism is applied from
+outside (raypp/parallel): tensor parallelism narrows the projections and hooks an
+all-reduce on `self_attn` and `mlp`; a pipeline stage deletes the layers and
+ends it does not own.  So forward() tolerates a missing embedding (it is then
+given hidden states) and a missing head (it then returns hidden states).
+Layers live in a ModuleDict keyed by their global index, so parameter names stay
+those of the checkpoint whatever the stage owns.  Module names follow Hugging
+Face's, which makes checkpoint names a fixed prefix away from ours.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raypp.model.attention import AttentionMetadata, paged_attention
+from raypp.model.config import ModelConfig
+from raypp.model.rope import apply_rope, inv_frequencies, rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.head_dim = hd
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+        self.kv_cache: torch.Tensor | None = None  # [2, slots, local kv heads, head_dim], set by the runner
+
+    @property
+    def local_kv_heads(self) -> int:
+        # Derived from the weight, so it is right after tensor-parallel sharding too.
+        return self.k_proj.weight.shape[0] // self.head_dim
+
+    def forward(self, x, cos, sin, meta: AttentionMetadata):
+        t, hd = x.shape[0], self.head_dim
+        q = apply_rope(self.q_proj(x).view(t, -1, hd), cos, sin)
+        k = apply_rope(self.k_proj(x).view(t, -1, hd), cos, sin)
+        v = self.v_proj(x).view(t, -1, hd)
+        out = paged_attention(q, k, v, self.kv_cache, meta, scale=hd ** -0.5)
+        return self.o_proj(out.reshape(t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h, cos, sin, meta):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.num_layers)})
+        self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head: nn.Linear | None = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # A plain attribute, not a buffer: it is not in checkpoints and must stay
+        # real even when the module is built on the meta device.
+        self.inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> int:
+        """Give every owned layer a zeroed cache; returns the bytes allocated."""
+        total = 0
+        for layer in self.layers.values():
+            attn = layer.self_attn
+            w = attn.k_proj.weight
+            attn.kv_cache = torch.zeros(2, num_blocks * block_size, attn.local_kv_heads, attn.head_dim,
+                                        dtype=w.dtype, device=w.device)
+            total += attn.kv_cache.numel() * attn.kv_cache.element_size()
+        return total
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """x: token ids [T] (if this module embeds) or hidden states [T, d].
+
+        Returns logits [len(meta.logits_rows), vocab] in fp32 if this module has
+        the head, else hidden states [T, d] for the next stage.
+        """
+        h = self.embed_tokens(x) if self.embed_tokens is not None else x
+        cos, sin = rope_cos_sin(meta.positions, self.inv_freq.to(h.device), h.dtype)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin, meta)
+        if self.lm_head is None:
+            return h
+        return self.lm_head(self.norm(h[meta.logits_rows])).float()

@@ -1,0 +1,61 @@
+"""Tensor parallelism applied to a plain model from outside (Megatron-style).
+
+Column-parallel q/k/v and gate/up (each rank owns a slice of heads or of the
+intermediate dimension), row-parallel o and down (each rank owns the matching
+input slice and produces a partial sum), so one all-reduce after attention and
+one after the MLP restore the full activations.  KV heads are split when there
+are at least as many as ranks and replicated otherwise (rank r then uses the KV
+head its query heads are grouped with).
+
+Sharding happens on the meta device before loading: each parameter is replaced
+by one of the local shape, tagged `.shard = (dim, start, stop)` so the loader
+reads just that slice from the checkpoint.
+"""
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import nn
+
+from raypp.model.llama import Transformer
+
+
+def _narrow(linear: nn.Linear, dim: int, start: int, stop: int) -> nn.Linear:
+    out_f, in_f = linear.weight.shape
+    shape = (stop - start, in_f) if dim == 0 else (out_f, stop - start)
+    new = nn.Linear(shape[1], shape[0], bias=linear.bias is not None, device="meta")
+    new.weight.shard = (dim, start, stop)
+    if new.bias is not None:
+        new.bias.shard = (0, start, stop) if dim == 0 else None
+    return new
+
+
+def _all_reduce_hook(group):
+    def hook(_module, _inputs, output):
+        dist.all_reduce(output, group=group)
+        return output
+    return hook
+
+
+def apply_tp(model: Transformer, rank: int, size: int, group=None) -> Transformer:
+    cfg, hd = model.cfg, model.cfg.head_dim
+    q_per_rank = cfg.num_heads // size
+    if cfg.num_kv_heads >= size:
+        kv_per_rank, kv_first = cfg.num_kv_heads // size, rank * (cfg.num_kv_heads // size)
+    else:
+        kv_per_rank, kv_first = 1, rank * q_per_rank // (cfg.num_heads // cfg.num_kv_heads)
+    inter = cfg.intermediate_size // size
+    for block in model.layers.values():
+        attn, mlp = block.self_attn, block.mlp
+        q = (rank * q_per_rank * hd, (rank + 1) * q_per_rank * hd)
+        kv = (kv_first * hd, (kv_first + kv_per_rank) * hd)
+        attn.q_proj = _narrow(attn.q_proj, 0, *q)
+        attn.k_proj = _narrow(attn.k_proj, 0, *kv)
+        attn.v_proj = _narrow(attn.v_proj, 0, *kv)
+        attn.o_proj = _narrow(attn.o_proj, 1, *q)
+        mlp.gate_proj = _narrow(mlp.gate_proj, 0, rank * inter, (rank + 1) * inter)
+        mlp.up_proj = _narrow(mlp.up_proj, 0, rank * inter, (rank + 1) * inter)
+        mlp.down_proj = _narrow(mlp.down_proj, 1, rank * inter, (rank + 1) * inter)
+        if size > 1:
+            attn.register_forward_hook(_all_reduce_hook(group))
+            mlp.register_forward_hook(_all_reduce_hook(group))
+    return model

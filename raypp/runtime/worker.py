@@ -1,0 +1,136 @@
+"""One (stage, tp_rank) worker: its model shard, its KV cache, one step at a time.
+
+A plain class (no Ray here): the Ray actor in `ray_executor.py` wraps it, the
+in-process engine calls it directly, and the multi-process tests drive it with
+torch.multiprocessing.  Activations cross stages by torch.distributed
+point-to-point (to the same TP rank of the next stage); only the small
+`StepInput` travels by the caller.
+
+Every step records where this worker's time went (`StepTiming`): waiting for
+the caller (idle), waiting for the previous stage's activations (bubble),
+computing, and communicating (TP all-reduces and sends).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from raypp.model.attention import AttentionMetadata
+from raypp.model.checkpoint import load_weights, resolve_dtype
+from raypp.model.config import ModelConfig
+from raypp.model.sampling import SamplingParams, sample
+from raypp.parallel.layout import Layout
+from raypp.parallel.pipeline import build_stage_module
+
+
+@dataclass
+class StepInput:
+    token_ids: list[int]                 # flat new tokens of every sequence (stage 0 embeds them)
+    query_lens: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+    sample_rows: list[int]               # sequences (indices) that get a token this step
+    params: list[SamplingParams] = field(default_factory=list)   # one per sample row
+    seeds: list[int] = field(default_factory=list)
+    output_positions: list[int] = field(default_factory=list)    # index of the token to sample, per row
+    all_logits: bool = False             # tests: logits of every token instead of sampling
+
+
+@dataclass
+class StepTiming:
+    stage: int
+    start: float          # wall clock (time.time) when the step began
+    end: float
+    idle_s: float         # from the previous step's end to this step's start: nothing to do
+    wait_s: float         # waiting for the previous stage's activations
+    compute_s: float
+    comm_s: float         # TP all-reduces + stage-to-stage sends
+
+
+@dataclass
+class StepOutput:
+    token_ids: list[int] | None
+    logprobs: list[float] | None
+    timing: StepTiming
+    logits: torch.Tensor | None = None
+
+
+class _CommClock:
+    """Times the TP all-reduces that hooks run inside forward()."""
+
+    def __init__(self, model):
+        self.total = 0.0
+        for layer in model.layers.values():
+            for mod in (layer.self_attn, layer.mlp):
+                if mod._forward_hooks:  # the all-reduce hook that apply_tp added
+                    mod.register_forward_hook(self._before, prepend=True)
+                    mod.register_forward_hook(self._after)
+
+    def _before(self, *_):
+        self._t = time.perf_counter()
+
+    def _after(self, *_):
+        self.total += time.perf_counter() - self._t
+
+
+class StageWorker:
+    def __init__(self, model_path: str, dtype: str, layout: Layout, stage: int, tp_rank: int,
+                 num_blocks: int, block_size: int, device: str = "cpu", progress: bool = False):
+        self.cfg = ModelConfig.from_dir(model_path)
+        self.layout, self.stage, self.tp_rank = layout, stage, tp_rank
+        self.first, self.last = stage == 0, stage == layout.pp - 1
+        self.rank = layout.rank(stage, tp_rank)
+        self.device = device
+        self.block_size = block_size
+        self.distributed = layout.world_size > 1
+        tp_group = self._make_tp_group() if self.distributed else None
+        self.dtype = resolve_dtype(dtype, self.cfg, device)
+        self.model = build_stage_module(self.cfg, layout, stage, tp_rank, tp_group)
+        self.bytes_loaded = load_weights(self.model, model_path, self.dtype, device, progress=progress)
+        self.kv_cache_bytes = self.model.allocate_kv_cache(num_blocks, block_size)
+        self.comm_clock = _CommClock(self.model)
+        self._pending_send = None
+        self._last_end = None
+
+    def _make_tp_group(self):
+        # Every rank must create every group, in the same order (torch.distributed's rule).
+        groups = [dist.new_group([self.layout.rank(s, r) for r in range(self.layout.tp)])
+                  for s in range(self.layout.pp)]
+        return groups[self.stage]
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> StepOutput:
+        start = time.perf_counter()
+        idle = 0.0 if self._last_end is None else start - self._last_end
+        meta = AttentionMetadata.build(step.query_lens, step.seq_lens, step.block_tables,
+                                       self.block_size, all_logits=step.all_logits)
+        if self.first:
+            x = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)
+        else:
+            x = torch.empty(meta.num_tokens, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+            dist.recv(x, src=self.layout.rank(self.stage - 1, self.tp_rank))
+        received = time.perf_counter()
+        comm_before = self.comm_clock.total
+        out = self.model(x, meta)
+        computed = time.perf_counter()
+        all_reduce = self.comm_clock.total - comm_before
+        ids = logprobs = logits = None
+        if not self.last:
+            if self._pending_send is not None:
+                self._pending_send.wait()  # the previous micro-batch's send; long done in steady state
+            self._pending_send = dist.isend(out, dst=self.layout.rank(self.stage + 1, self.tp_rank))
+        elif step.all_logits:
+            logits = out
+        elif self.tp_rank == 0:
+            rows = out if len(step.sample_rows) == out.shape[0] else out[step.sample_rows]
+            ids, logprobs = sample(rows, step.params, step.seeds, step.output_positions)
+        end = time.perf_counter()
+        self._last_end = end
+        now = time.time()
+        timing = StepTiming(self.stage, start=now - (end - start), end=now, idle_s=idle,
+                            wait_s=received - start, compute_s=computed - received - all_reduce,
+                            comm_s=all_reduce + (end - computed))
+        return StepOutput(ids, logprobs, timing, logits)
