@@ -37,6 +37,7 @@ class StepInput:
     seeds: list[int] = field(default_factory=list)
     output_positions: list[int] = field(default_factory=list)    # index of the token to sample, per row
     all_logits: bool = False             # tests: logits of every token instead of sampling
+    resumed: bool = False                # first step after the engine had no work: that gap is no bubble
 
 
 @dataclass
@@ -104,24 +105,26 @@ class StageWorker:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
         start = time.perf_counter()
-        idle = 0.0 if self._last_end is None else start - self._last_end
+        idle = 0.0 if step.resumed or self._last_end is None else start - self._last_end
         meta = AttentionMetadata.build(step.query_lens, step.seq_lens, step.block_tables,
                                        self.block_size, all_logits=step.all_logits)
+        wait_from = time.perf_counter()
         if self.first:
             x = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)
         else:
             x = torch.empty(meta.num_tokens, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
             dist.recv(x, src=self.layout.rank(self.stage - 1, self.tp_rank))
-        received = time.perf_counter()
-        comm_before = self.comm_clock.total
+        wait = time.perf_counter() - wait_from
+        all_reduce_before = self.comm_clock.total
         out = self.model(x, meta)
-        computed = time.perf_counter()
-        all_reduce = self.comm_clock.total - comm_before
+        send = 0.0
         ids = logprobs = logits = None
         if not self.last:
+            send_from = time.perf_counter()
             if self._pending_send is not None:
                 self._pending_send.wait()  # the previous micro-batch's send; long done in steady state
             self._pending_send = dist.isend(out, dst=self.layout.rank(self.stage + 1, self.tp_rank))
+            send = time.perf_counter() - send_from
         elif step.all_logits:
             logits = out
         elif self.tp_rank == 0:
@@ -129,8 +132,8 @@ class StageWorker:
             ids, logprobs = sample(rows, step.params, step.seeds, step.output_positions)
         end = time.perf_counter()
         self._last_end = end
+        comm = self.comm_clock.total - all_reduce_before + send
         now = time.time()
-        timing = StepTiming(self.stage, start=now - (end - start), end=now, idle_s=idle,
-                            wait_s=received - start, compute_s=computed - received - all_reduce,
-                            comm_s=all_reduce + (end - computed))
+        timing = StepTiming(self.stage, start=now - (end - start), end=now, idle_s=idle, wait_s=wait,
+                            compute_s=end - start - wait - comm, comm_s=comm)
         return StepOutput(ids, logprobs, timing, logits)

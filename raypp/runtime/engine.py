@@ -1,0 +1,220 @@
+"""The engine: requests in, tokens out, over one pipeline (one model replica).
+
+An asyncio loop keeps up to `micro_batches` micro-batches in flight: whenever
+one returns, its sequences get their tokens (streamed to their callers) and the
+scheduler forms the next.  The same engine runs in one process (TP = PP = 1,
+no Ray actors) or over TP x PP Ray actors; only the executor differs.
+
+A worker that dies fails every request in flight with `EngineDeadError` and
+the engine reports itself unhealthy: it never keeps accepting requests it
+cannot serve.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from pathlib import Path
+from typing import AsyncIterator
+
+from raypp.config import DeploymentConfig
+from raypp.errors import UserError
+from raypp.model.config import ModelConfig
+from raypp.model.sampling import SamplingParams
+from raypp.parallel.layout import make_layout
+from raypp.runtime.block_manager import BlockManager
+from raypp.runtime.executors import LocalExecutor, RayExecutor
+from raypp.runtime.kv_budget import kv_block_count
+from raypp.runtime.outputs import QueueFullError, RequestOutput
+from raypp.runtime.scheduler import MicroBatch, Scheduler
+from raypp.runtime.sequence import Sequence, Status
+from raypp.runtime.stats import PipelineStats
+
+
+class EngineDeadError(RuntimeError):
+    """A worker failed; the engine cannot serve until it is restarted."""
+
+
+def ensure_checkpoint(config: DeploymentConfig) -> Path:
+    path = Path(config.model.path).expanduser().resolve()
+    if not (path / "config.json").is_file() and config.model.make_tiny_if_missing:
+        from raypp.model.tiny import make_checkpoint
+        make_checkpoint(path, preset=config.model.make_tiny_if_missing, progress=True)
+    return path
+
+
+class Engine:
+    def __init__(self, config: DeploymentConfig, model_path: Path, model_config: ModelConfig, executor,
+                 num_blocks: int, max_model_len: int, num_stages: int):
+        self.config, self.model_path, self.model_config = config, model_path, model_config
+        self.executor = executor
+        self.max_model_len = max_model_len
+        sched = config.scheduler
+        self.blocks = BlockManager(num_blocks, sched.block_size)
+        self.scheduler = Scheduler(self.blocks, sched.max_num_seqs, sched.max_tokens_per_micro_batch,
+                                   config.micro_batches)
+        self.pipeline_stats = PipelineStats(num_stages)
+        self._seqs: dict[str, Sequence] = {}
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._in_flight = 0
+        self.error: BaseException | None = None
+        self.tokens_generated = 0
+
+    @classmethod
+    def from_config(cls, config: DeploymentConfig, use_ray: bool | None = None) -> "Engine":
+        path = ensure_checkpoint(config)
+        model_config = ModelConfig.from_dir(path)
+        par = config.parallel
+        layout = make_layout(model_config, par.tp, par.pp, par.stage_layers)
+        max_model_len = min(config.model.max_model_len or model_config.max_position_embeddings,
+                            model_config.max_position_embeddings)
+        num_blocks = kv_block_count(model_config, layout, config, max_model_len)
+        use_ray = layout.world_size > 1 if use_ray is None else use_ray
+        executor = (RayExecutor if use_ray else LocalExecutor)(str(path), config, layout, num_blocks)
+        return cls(config, path, model_config, executor, num_blocks, max_model_len, layout.pp)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise UserError("prompt is empty: give at least one token")
+        bad = [t for t in prompt_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise UserError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.model_config.vocab_size})")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise UserError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                            f"exceeds the context length {self.max_model_len}")
+        capacity = self.blocks.num_blocks * self.blocks.block_size
+        if total > capacity:
+            raise UserError(f"prompt + max_tokens = {total} tokens exceeds the KV cache ({capacity} tokens)")
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        if self.error is not None:
+            raise EngineDeadError(f"engine is dead: {self.error!r}")
+        self._validate(prompt_ids, params)
+        if len(self.scheduler.waiting) >= self.config.scheduler.max_queue:
+            raise QueueFullError(len(self.scheduler.waiting))
+        rid = request_id or uuid.uuid4().hex
+        if rid in self._seqs:
+            raise UserError(f"request id {rid!r} is already running")
+        seed = params.seed if params.seed is not None else random.getrandbits(62)
+        seq = Sequence(rid, list(prompt_ids), params, seed, frozenset(self.model_config.eos_token_ids))
+        queue: asyncio.Queue = asyncio.Queue()
+        self._seqs[rid], self._queues[rid] = seq, queue
+        self.scheduler.add(seq)
+        self._ensure_loop()
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:  # the caller went away (client disconnect, cancellation)
+                self.abort(rid)
+            self._seqs.pop(rid, None)
+            self._queues.pop(rid, None)
+
+    def abort(self, request_id: str) -> None:
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status is Status.FINISHED:
+            return
+        self.scheduler.abort(seq)
+        self._emit(seq, [], None)
+
+    def _emit(self, seq: Sequence, new_ids: list[int], new_logprobs: list[float] | None) -> None:
+        queue = self._queues.get(seq.request_id)
+        if queue is not None:
+            queue.put_nowait(RequestOutput(seq.request_id, len(seq.prompt_ids), list(seq.output_ids), new_ids,
+                                           new_logprobs, finished=seq.finish_reason is not None,
+                                           finish_reason=seq.finish_reason))
+
+    # ---- the step loop --------------------------------------------------------------------
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        self._wake.set()
+
+    async def _run(self) -> None:
+        in_flight: dict[asyncio.Future, tuple[MicroBatch, float]] = {}
+        quiet = True
+        try:
+            while True:
+                while len(in_flight) < self.config.micro_batches and (mb := self.scheduler.schedule()):
+                    mb.step.resumed = quiet
+                    quiet = False
+                    fut = asyncio.ensure_future(self.executor.execute(mb.step))
+                    in_flight[fut] = (mb, time.perf_counter())
+                self._in_flight = len(in_flight)
+                if not in_flight:
+                    quiet = True
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                self._wake.clear()
+                waker = asyncio.ensure_future(self._wake.wait())
+                done, _ = await asyncio.wait([*in_flight, waker], return_when=asyncio.FIRST_COMPLETED)
+                waker.cancel()
+                for fut in done:
+                    if fut is not waker:
+                        self._complete(*in_flight.pop(fut), fut.result())
+        except Exception as e:  # a worker died or a step failed: fail loudly, never hang
+            self._fail_all(e)
+
+    def _complete(self, mb: MicroBatch, started: float, outputs) -> None:
+        carrier = next(o for o in outputs if o.token_ids is not None or not mb.step.sample_rows)
+        ids, logprobs = carrier.token_ids or [], carrier.logprobs
+        stage_timings = {}
+        for o in outputs:  # TP rank 0 (the first reported) speaks for its stage
+            stage_timings.setdefault(o.timing.stage, o.timing)
+        self.pipeline_stats.record(list(stage_timings.values()), time.perf_counter() - started)
+        updated = self.scheduler.complete(mb, ids, logprobs)
+        for seq in updated:
+            self.tokens_generated += 1
+            lp = seq.output_logprobs[-1:] if seq.params.logprobs else None
+            self._emit(seq, seq.output_ids[-1:], lp)
+
+    def _fail_all(self, error: BaseException) -> None:
+        self.error = error
+        dead = EngineDeadError(f"engine failed: {error!r}")
+        for queue in self._queues.values():
+            queue.put_nowait(dead)
+
+    # ---- introspection and lifecycle ------------------------------------------------------
+
+    def check_health(self) -> None:
+        if self.error is not None:
+            raise EngineDeadError(f"engine is dead: {self.error!r}")
+        try:
+            self.executor.check_health()
+        except Exception as e:
+            self._fail_all(e)
+            raise EngineDeadError(f"a worker is unreachable: {e!r}") from e
+
+    def stats(self) -> dict:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "micro_batches_in_flight": self._in_flight,
+            "micro_batches": self.config.micro_batches,
+            "kv_blocks_total": self.blocks.num_blocks,
+            "kv_blocks_free": self.blocks.num_free,
+            "preemptions": self.scheduler.num_preemptions,
+            "tokens_generated": self.tokens_generated,
+            "mean_step_time_s": self.pipeline_stats.mean_step_time_s(),
+            "stages": self.pipeline_stats.snapshot(),
+        }
+
+    def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self.executor.shutdown()

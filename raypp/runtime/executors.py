@@ -1,0 +1,109 @@
+"""Where steps run: in this process (TP = PP = 1), or on TP x PP Ray actors.
+
+Both take a `StepInput` and return every worker's `StepOutput`.  The Ray
+executor sends the step to all workers at once; Ray runs an actor's calls in
+submission order, so stage 1 starts micro-batch k (blocking on the activations
+from stage 0) while stage 0 already computes k+1: the pipeline.  Only the small
+step metadata goes through Ray (put once, shared by all workers); activations
+go stage to stage by torch.distributed.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from datetime import timedelta
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from raypp.config import DeploymentConfig
+from raypp.parallel.layout import Layout
+from raypp.parallel.placement import create_stage_groups, remove_groups, worker_bundle
+from raypp.runtime.worker import StageWorker, StepInput, StepOutput
+
+
+class LocalExecutor:
+    def __init__(self, model_path: str, config: DeploymentConfig, layout: Layout, num_blocks: int):
+        self.worker = StageWorker(model_path, config.model.dtype, layout, 0, 0, num_blocks,
+                                  config.scheduler.block_size, config.parallel.device, progress=True)
+
+    async def execute(self, step: StepInput) -> list[StepOutput]:
+        # A thread keeps the event loop (HTTP streams, new requests) responsive during the step.
+        return [await asyncio.to_thread(self.worker.execute, step)]
+
+    def check_health(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+class StageActor:
+    """Ray actor around one StageWorker."""
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def setup(self, rank: int, world_size: int, address: tuple[str, int], threads: int, backend: str,
+              worker_args: dict) -> dict:
+        import torch
+        import torch.distributed as dist
+        # Ray sets OMP_NUM_THREADS=1 in actors; a CPU worker uses the CPUs its bundle reserved.
+        torch.set_num_threads(threads)
+        dist.init_process_group(backend, init_method=f"tcp://{address[0]}:{address[1]}", rank=rank,
+                                world_size=world_size, timeout=timedelta(minutes=10))
+        self.worker = StageWorker(**worker_args)
+        return {"rank": rank, "bytes_loaded": self.worker.bytes_loaded, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id()}
+
+    def execute(self, step: StepInput) -> StepOutput:
+        return self.worker.execute(step)
+
+    def ping(self) -> bool:
+        return True
+
+
+class RayExecutor:
+    def __init__(self, model_path: str, config: DeploymentConfig, layout: Layout, num_blocks: int):
+        par = config.parallel
+        self.groups = create_stage_groups(layout.tp, layout.pp, par)
+        bundle = worker_bundle(par)
+        extra = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+        actor_cls = ray.remote(StageActor)
+        self.actors = []
+        try:
+            for stage in range(layout.pp):
+                for tp_rank in range(layout.tp):
+                    strategy = PlacementGroupSchedulingStrategy(self.groups[stage], placement_group_bundle_index=tp_rank)
+                    self.actors.append(actor_cls.options(
+                        num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), resources=extra,
+                        scheduling_strategy=strategy, name=None).remote())
+            address = ray.get(self.actors[0].rendezvous_address.remote())
+            backend = "nccl" if par.device == "cuda" else "gloo"
+            threads = max(1, int(par.cpus_per_worker))
+            self.worker_info = ray.get([
+                actor.setup.remote(rank, layout.world_size, address, threads, backend, dict(
+                    model_path=model_path, dtype=config.model.dtype, layout=layout, stage=rank // layout.tp,
+                    tp_rank=rank % layout.tp, num_blocks=num_blocks, block_size=config.scheduler.block_size,
+                    device=par.device))
+                for rank, actor in enumerate(self.actors)])
+        except BaseException:
+            self.shutdown()
+            raise
+
+    async def execute(self, step: StepInput) -> list[StepOutput]:
+        ref = ray.put(step)
+        return await asyncio.gather(*[a.execute.remote(ref) for a in self.actors])
+
+    def check_health(self, timeout_s: float = 10.0) -> None:
+        ray.get([a.ping.remote() for a in self.actors], timeout=timeout_s)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        remove_groups(self.groups)
+        self.groups = []
