@@ -1,0 +1,174 @@
+"""Hardware catalog: what one accelerator can hold and move, and the links between them.
+
+Every number is the vendor's *peak* (dense, no sparsity) with its source; what
+real kernels achieve is a separate, calibrated fraction (`Efficiency`, see
+calibration.py and docs/planner.md), so a datasheet update never silently
+changes the calibration.  Users add hardware with a YAML file (`load_yaml`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from raypp.errors import UserError
+
+GB = 1e9
+T = 1e12
+
+
+@dataclass(frozen=True)
+class Link:
+    """One hop between devices.  `bandwidth` is bytes/s per direction per device
+    (what a ring all-reduce can push); `latency` is the fixed cost of one
+    collective or send (NCCL launch + protocol), in seconds."""
+    name: str
+    kind: str  # "nvlink" | "pcie" | "network" | "loopback"
+    bandwidth: float
+    latency: float
+    source: str
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Fractions of peak that real serving kernels reach.
+
+    GPU defaults are `calibration.fit()` over 21 published measurements (bw
+    capped at 0.90: STREAM-like kernels reach ~90% of HBM peak, and above that
+    the fit only trades bandwidth against the decode overhead)."""
+    bw: float = 0.90              # weight/KV streaming vs HBM peak (decode GEMV, paged attention)
+    flops16: float = 0.64         # large bf16/fp16 GEMMs (prefill) vs dense tensor peak
+    flops8: float = 0.52          # large fp8 GEMMs vs dense fp8 peak
+    link: float = 0.60            # NCCL bus bandwidth vs link peak
+    layer_overhead_prefill: float = 180e-6   # s per layer per forward: launches, norms, rope, sync
+    layer_overhead_decode: float = 60e-6     # s per layer per step (CUDA graphs make this smaller)
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory: float                 # bytes
+    bandwidth: float              # bytes/s, HBM (or DRAM) peak
+    flops: dict[str, float]       # dtype -> dense FLOP/s; a dtype absent runs at the bf16 rate
+    intra_link: str               # Link name between devices of one node
+    network: str                  # Link name between nodes (default)
+    source: str
+    kind: str = "gpu"             # "gpu" | "cpu"
+    efficiency: Efficiency = field(default_factory=Efficiency)
+    aliases: tuple[str, ...] = ()
+
+
+# Links.  NVLink/PCIe per-direction bandwidth = vendor's bidirectional figure / 2.
+# Latencies are the small-message cost of one NCCL collective (order of the
+# NCCL-tests all-reduce latency on such links, ~5-30 us); they matter only at
+# decode batch sizes and are checked by the ITL calibration points.
+LINKS: dict[str, Link] = {l.name: l for l in [
+    Link("nvlink3", "nvlink", 300 * GB, 6e-6, "A100 datasheet: NVLink 3, 600 GB/s bidirectional per GPU"),
+    Link("nvlink4", "nvlink", 450 * GB, 6e-6, "H100/H200 datasheet: NVLink 4, 900 GB/s bidirectional per GPU"),
+    Link("pcie4", "pcie", 32 * GB, 15e-6, "PCIe 4.0 x16: 64 GB/s bidirectional (PCI-SIG)"),
+    Link("pcie5", "pcie", 64 * GB, 15e-6, "PCIe 5.0 x16: 128 GB/s bidirectional (PCI-SIG); H100 PCIe datasheet"),
+    Link("ib-ndr", "network", 50 * GB, 20e-6, "InfiniBand NDR 400 Gb/s per port, one port per GPU (DGX H100 rail design)"),
+    Link("ib-hdr", "network", 25 * GB, 20e-6, "InfiniBand HDR 200 Gb/s per port, one port per GPU (DGX A100 design)"),
+    Link("eth-400g", "network", 50 * GB, 30e-6, "400 GbE (RoCE) per GPU: 400 Gb/s = 50 GB/s"),
+    Link("eth-100g", "network", 12.5 * GB, 40e-6, "100 GbE per node shared by its GPUs: 100 Gb/s = 12.5 GB/s"),
+    Link("gloo-loopback", "loopback", 0.7 * GB, 1.0e-3,
+         "measured here: gloo all-reduce between 2 processes, 1 KiB -> ~1.1 ms, 4 MiB -> ~7.4 ms "
+         "(median of 30, shared 2-core VM; see cpu_probe.py)"),
+]}
+
+_A100 = "NVIDIA A100 Tensor Core GPU datasheet (nvidia.com, 2021): BF16/FP16 312 TFLOPS dense"
+_H100 = "NVIDIA H100 Tensor Core GPU datasheet (nvidia.com, 2023)"
+_CPU_EFF = Efficiency(bw=1.0, flops16=1.0, flops8=1.0, link=1.0,
+                      layer_overhead_prefill=200e-6, layer_overhead_decode=200e-6)
+
+DEVICES: dict[str, Device] = {d.name: d for d in [
+    Device("a100-sxm-40gb", 40 * GB, 1555 * GB, {"bf16": 312 * T, "fp16": 312 * T, "fp32": 19.5 * T},
+           "nvlink3", "ib-hdr", _A100 + "; HBM2 1,555 GB/s", aliases=("a100-40gb", "a100-sxm4-40gb")),
+    Device("a100-sxm-80gb", 80 * GB, 2039 * GB, {"bf16": 312 * T, "fp16": 312 * T, "fp32": 19.5 * T},
+           "nvlink3", "ib-hdr", _A100 + "; HBM2e 2,039 GB/s", aliases=("a100", "a100-80gb", "a100-sxm", "a100-sxm4-80gb")),
+    Device("a100-pcie-40gb", 40 * GB, 1555 * GB, {"bf16": 312 * T, "fp16": 312 * T, "fp32": 19.5 * T},
+           "pcie4", "eth-100g", _A100 + "; HBM2 1,555 GB/s, PCIe Gen4", aliases=("a100-pcie4-40gb",)),
+    Device("a100-pcie-80gb", 80 * GB, 1935 * GB, {"bf16": 312 * T, "fp16": 312 * T, "fp32": 19.5 * T},
+           "pcie4", "eth-100g", _A100 + "; HBM2e 1,935 GB/s, PCIe Gen4", aliases=("a100-pcie",)),
+    Device("h100-sxm", 80 * GB, 3350 * GB, {"bf16": 989.4 * T, "fp16": 989.4 * T, "fp8": 1978.9 * T, "fp32": 67 * T},
+           "nvlink4", "ib-ndr", _H100 + ": SXM5 HBM3 3.35 TB/s, BF16 989 / FP8 1,979 TFLOPS dense",
+           aliases=("h100", "h100-sxm5", "h100-80gb", "h100-sxm-80gb")),
+    Device("h100-pcie", 80 * GB, 2000 * GB, {"bf16": 756 * T, "fp16": 756 * T, "fp8": 1513 * T, "fp32": 51 * T},
+           "pcie5", "eth-400g", _H100 + ": PCIe HBM2e 2.0 TB/s, BF16 756 / FP8 1,513 TFLOPS dense",
+           aliases=("h100-pcie-80gb",)),
+    Device("h200", 141 * GB, 4800 * GB, {"bf16": 989.4 * T, "fp16": 989.4 * T, "fp8": 1978.9 * T, "fp32": 67 * T},
+           "nvlink4", "ib-ndr", "NVIDIA H200 Tensor Core GPU datasheet (2024): 141 GB HBM3e, 4.8 TB/s; "
+           "compute as H100 SXM", aliases=("h200-sxm", "h200-141gb")),
+    Device("l4", 24 * GB, 300 * GB, {"bf16": 121 * T, "fp16": 121 * T, "fp8": 242.5 * T, "fp32": 30.3 * T},
+           "pcie4", "eth-100g", "NVIDIA L4 datasheet (2023): 24 GB GDDR6 300 GB/s; BF16 242 / FP8 485 TFLOPS "
+           "with sparsity, halved for dense", aliases=("l4-24gb",)),
+    Device("l40s", 48 * GB, 864 * GB, {"bf16": 362.05 * T, "fp16": 362.05 * T, "fp8": 733 * T, "fp32": 91.6 * T},
+           "pcie4", "eth-100g", "NVIDIA L40S datasheet (2023): 48 GB GDDR6 864 GB/s; BF16 362 / FP8 733 TFLOPS dense",
+           aliases=("l40s-48gb",)),
+    # raypp's own CPU runs: one worker = one core of this 2-core AMD EPYC VM.
+    # Measured with raypp.planner.cpu_probe (torch 2.13, 1 thread, best of 5):
+    # fp32 GEMV over a 256 MiB matrix 24 GB/s; 2048^3 fp32 matmul 79 GFLOP/s;
+    # bf16 matmul 0.35 GFLOP/s (no AVX512-BF16: torch falls back to scalar);
+    # a tiny eager Llama layer at batch 1 costs ~0.2 ms beyond its bytes.
+    Device("cpu-epyc-2core", 16 * GB, 24 * GB, {"fp32": 79e9, "bf16": 0.35e9},
+           "gloo-loopback", "gloo-loopback", "measured on this machine, see cpu_probe.py and docs/planner.md",
+           kind="cpu", efficiency=_CPU_EFF, aliases=("cpu",)),
+]}
+
+
+def _norm(name: str) -> str:
+    return name.strip().lower().replace("_", "-").replace(" ", "-")
+
+
+def get_device(name: str, extra: dict[str, Device] | None = None) -> Device:
+    catalog = {**DEVICES, **(extra or {})}
+    key = _norm(name)
+    for dev in catalog.values():
+        if key == dev.name or key in dev.aliases:
+            return dev
+    known = ", ".join(sorted(catalog))
+    raise UserError(f"unknown GPU {name!r}; known: {known} (add your own with --hardware FILE.yaml)")
+
+
+def get_link(name: str, extra: dict[str, Link] | None = None) -> Link:
+    catalog = {**LINKS, **(extra or {})}
+    if _norm(name) not in catalog:
+        raise UserError(f"unknown link/network {name!r}; known: {', '.join(sorted(catalog))}")
+    return catalog[_norm(name)]
+
+
+def load_yaml(path: str | Path) -> tuple[dict[str, Device], dict[str, Link]]:
+    """Read user hardware.  Units are the datasheet's: GB, GB/s, TFLOPS, microseconds.
+
+        links:
+          my-ib: {kind: network, bandwidth_gbs: 50, latency_us: 20, source: "..."}
+        gpus:
+          my-gpu: {memory_gb: 96, bandwidth_gbs: 4000, tflops: {bf16: 900, fp8: 1800},
+                   intra_link: nvlink4, network: my-ib, source: "vendor datasheet"}
+    """
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read hardware file {path}: {e}") from None
+    links = {}
+    for name, d in (data.get("links") or {}).items():
+        try:
+            links[_norm(name)] = Link(_norm(name), d.get("kind", "network"), float(d["bandwidth_gbs"]) * GB,
+                                      float(d.get("latency_us", 20)) * 1e-6, str(d["source"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path}: link {name!r} needs bandwidth_gbs and source ({e})") from None
+    devices = {}
+    for name, d in (data.get("gpus") or {}).items():
+        try:
+            dev = Device(_norm(name), float(d["memory_gb"]) * GB, float(d["bandwidth_gbs"]) * GB,
+                         {k: float(v) * T for k, v in d["tflops"].items()}, _norm(d.get("intra_link", "pcie4")),
+                         _norm(d.get("network", "eth-100g")), str(d["source"]), kind=d.get("kind", "gpu"))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"{path}: gpu {name!r} needs memory_gb, bandwidth_gbs, tflops and source ({e})") from None
+        if "efficiency" in d:
+            dev = replace(dev, efficiency=replace(Efficiency(), **d["efficiency"]))
+        for ln in (dev.intra_link, dev.network):
+            get_link(ln, links)
+        devices[dev.name] = dev
+    return devices, links
