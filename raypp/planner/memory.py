@@ -32,6 +32,11 @@ class Memory:
     kv_tokens: int
     kv_seqs: int               # full contexts (input + output) the KV cache holds
     shortfall: float           # bytes per GPU missing for weights + one full context (0: fits)
+    kv_per_seq: float          # KV bytes of one full context on the tightest stage
+
+    def in_use(self, seqs: int) -> float:
+        """Bytes per GPU with `seqs` full contexts cached (what the workload needs, not the reservation)."""
+        return self.weights + self.activations + self.overhead + seqs * self.kv_per_seq
 
     @property
     def used(self) -> float:
@@ -63,4 +68,4 @@ def memory(model: ModelSpec, layout: Layout, shapes: list[StageShape], cluster: 
     need = max(wl.context * s.kv_bytes_per_token - f for f, s in zip(free, shapes))
     return Memory(capacity=capacity, weights=max(s.weight_bytes for s in shapes), activations=act,
                   overhead=overhead, kv_cache=min(free), kv_tokens=tokens, kv_seqs=tokens // wl.context,
-                  shortfall=max(need, 0.0))
+                  shortfall=max(need, 0.0), kv_per_seq=max(wl.context * s.kv_bytes_per_token for s in shapes))

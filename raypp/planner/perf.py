@@ -117,13 +117,16 @@ def predict(shapes, layout, cluster, wl, concurrency: int) -> Prediction:
 
     A slot's life is output_len rounds plus the stall its own prefill causes;
     over that life all `concurrency` slots are refilled once, so
-    throughput = c * output_len / (output_len * round + c * slowest-stage prefill).
+    throughput = c * output_len / (output_len * round + c * slowest-stage prefill per prompt).
     """
     c = max(1, concurrency)
     m = layout.micro_batches(c, wl.micro_batches)
     round_t, bubble, st = decode_round(shapes, layout, cluster, wl, c, m, wl.input_len + wl.output_len / 2)
     pre = prefill(shapes, layout, cluster, wl)
-    stall = max(t.total for t in pre)
+    # Arriving prompts are prefilled together up to the token budget of one forward
+    # (vLLM's max_num_batched_tokens), which spreads weight reads and per-layer overhead.
+    k = max(1, min(c, wl.prefill_chunk // max(wl.input_len, 1)))
+    stall = max(t.total for t in (pre if k == 1 else prefill(shapes, layout, cluster, wl, seqs=k))) / k
     life = wl.output_len * round_t + c * stall
     ttft = sum(t.total for t in pre) + (round_t / 2 if c > 1 else 0.0)
     return Prediction(ttft, round_t, c * wl.output_len / life, bubble, c, m, st, pre)
