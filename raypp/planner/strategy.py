@@ -42,7 +42,7 @@ class Options:
     max_itl_ms: float | None = None
     max_ttft_ms: float | None = None
     max_bubble: float = 0.10
-    imbalance_tolerance: float = 0.05         # the slowest stage sets the pace: 5% is 5% throughput
+    imbalance_tolerance: float = 0.10         # whole layers alone leave ~1/(layers per stage) of imbalance
     tp: int | None = None                     # pin a degree (may break the rules: then it is flagged)
     pp: int | None = None
     stage_layers: tuple[int, ...] | None = None
@@ -103,7 +103,10 @@ def evaluate(model: ModelSpec, layout: Layout, cluster: Cluster, wl: Workload, o
     pred = predict(shapes, layout, cluster, wl, c_rep)
     cand.prediction = pred
     cand.throughput = active * pred.throughput
-    cand.flags += tp_link_flags(layout, cluster, pred) + pipeline_flags(layout, pred, opts.max_bubble)
+    filled = None
+    if pred.micro_batches < layout.pp <= c_rep:
+        filled = predict(shapes, layout, cluster, replace(wl, micro_batches=layout.pp), c_rep)
+    cand.flags += tp_link_flags(layout, cluster, pred) + pipeline_flags(layout, pred, opts.max_bubble, filled)
     costs = stage_costs(split, layer, embed, head)
     cand.flags += balance_flag(split, costs, balanced, stage_costs(balanced, layer, embed, head),
                                opts.imbalance_tolerance)
