@@ -55,7 +55,10 @@ class ModelConfig:
                                   f"{sorted(SUPPORTED)}")
         if c.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"{source}: hidden_act={c['hidden_act']!r} cannot be honoured; raypp's MLP is SwiGLU (silu)")
-        rope_scaling = c.get("rope_scaling")
+        # transformers >= 5 writes `rope_parameters` (theta + scaling in one dict).
+        rope_params = c.get("rope_parameters") or {}
+        rope_scaling = c.get("rope_scaling") or (rope_params if rope_params.get("rope_type") not in (None, "default")
+                                                 else None)
         rope_type = rope_scaling and (rope_scaling.get("rope_type") or rope_scaling.get("type"))
         if rope_type not in SUPPORTED_ROPE:
             raise CheckpointError(f"{source}: rope_scaling type {rope_type!r} is not supported; "
@@ -81,7 +84,7 @@ class ModelConfig:
             num_kv_heads=int(c.get("num_key_value_heads") or heads),
             head_dim=int(c.get("head_dim") or c["hidden_size"] // heads),
             rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(c.get("rope_theta", 10000.0)),
+            rope_theta=float(c.get("rope_theta") or rope_params.get("rope_theta") or 10000.0),
             rope_scaling=rope_scaling if rope_type not in (None, "default") else None,
             max_position_embeddings=max_pos,
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),

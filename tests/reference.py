@@ -1,0 +1,48 @@
+"""Helpers shared by tests: deterministic prompts, HF reference runs, engine runs."""
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from raypp.model.sampling import SamplingParams
+
+
+def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_model(path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+
+async def collect(engine, prompt, params, request_id=None) -> list[int]:
+    ids = []
+    async for out in engine.generate(prompt, params, request_id):
+        ids += out.new_token_ids
+    return ids
+
+
+def run_all(engine, prompts, params) -> list[list[int]]:
+    """Every prompt at once through the engine (continuous batching)."""
+    async def main():
+        return await asyncio.gather(*[collect(engine, p, params) for p in prompts])
+    return asyncio.run(main())
+
+
+def run_each(engine, prompts, params) -> list[list[int]]:
+    """Each prompt alone."""
+    return [asyncio.run(collect(engine, p, params)) for p in prompts]
