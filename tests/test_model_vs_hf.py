@@ -15,8 +15,8 @@ NEW_TOKENS = 64
 
 def prefill_logits(path, prompts):
     cfg = ModelConfig.from_dir(path)
-    worker = StageWorker(str(path), "float32", make_layout(cfg, 1, 1), 0, 0, num_blocks=64, block_size=16)
-    tables = [[i * 16 + j for j in range(16)] for i in range(len(prompts))]
+    worker = StageWorker(str(path), "float32", make_layout(cfg, 1, 1), 0, 0, num_blocks=32 * len(prompts), block_size=16)
+    tables = [[i * 32 + j for j in range(32)] for i in range(len(prompts))]
     lens = [len(p) for p in prompts]
     out = worker.execute(StepInput(token_ids=sum(prompts, []), query_lens=lens, seq_lens=lens,
                                    block_tables=tables, sample_rows=[], all_logits=True))
@@ -54,3 +54,36 @@ def test_greedy_tokens_match_transformers_alone_and_batched(ckpt, setup):
         assert engine.stats()["kv_blocks_free"] == 64
     finally:
         engine.shutdown()
+
+
+def _hf_family_checkpoint(kind, out):
+    import transformers
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                  initializer_range=0.2)
+    if kind == "llama3":
+        cfg = transformers.LlamaConfig(**common, rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 256})
+        cls = transformers.LlamaForCausalLM
+    elif kind == "qwen2":
+        cfg, cls = transformers.Qwen2Config(**common, tie_word_embeddings=True), transformers.Qwen2ForCausalLM
+    else:
+        cfg, cls = transformers.MistralConfig(**common, sliding_window=None), transformers.MistralForCausalLM
+    torch.manual_seed(0)
+    model = cls(cfg).float().eval()
+    if kind == "qwen2":  # random biases, so that dropping them would show
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    model.save_pretrained(out, safe_serialization=True)
+    return out, model
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen2", "mistral"])
+def test_model_families_match_transformers(kind, tmp_path):
+    path, hf = _hf_family_checkpoint(kind, tmp_path / kind)
+    prompts = random_prompts(300, [40, 300], seed=1)
+    for ours, prompt in zip(prefill_logits(path, prompts), prompts):
+        ref = hf(torch.tensor([prompt])).logits[0]
+        assert (ours - ref).abs().max().item() < 1e-4
