@@ -1,0 +1,124 @@
+"""`build_app(args)`: the Ray Serve application, and its FastAPI ingress deployment.
+
+A deployment file says `import_path: raypp.serve:build_app` and `args: <DeploymentConfig>`.
+`build_app` validates the args (a bad field fails the deploy at once, naming the field
+and the reason), resolves the model path, and binds one `LLMServer` deployment.  Each
+replica of it owns one engine: one TP x PP pipeline with its placement groups.  So
+`num_replicas: N` in the file's `deployments:` section gives N independent pipelines,
+and Serve's router spreads requests over them.
+"""
+
+import asyncio
+import importlib.metadata
+import logging
+import os
+
+from fastapi import FastAPI
+from pydantic import ValidationError
+from ray import serve
+from ray.serve import Application
+
+from raypp.config import DeploymentConfig
+from raypp.errors import UserError
+from raypp.serve import errors, openapi
+from raypp.serve import protocol as P
+from raypp.serve.auth import APIKeyMiddleware
+from raypp.serve.checkpoint import ensure_checkpoint, resolve_paths, served_name
+
+logger = logging.getLogger("ray.serve")
+
+api = FastAPI(title="raypp", version=importlib.metadata.version("raypp"),
+              description="OpenAI-compatible API over a tensor x pipeline parallel Llama-family model.")
+errors.install(api)
+openapi.install(api)
+api.add_middleware(APIKeyMiddleware)
+
+
+@serve.deployment(name="LLMServer")
+@serve.ingress(api)
+class LLMServer:
+    def __init__(self, cfg: dict):
+        from raypp.runtime.engine import Engine
+        from raypp.serve.completions import OpenAIServing
+        from raypp.serve.tokenizer import Tokenizer
+
+        cfg = DeploymentConfig.model_validate(cfg)
+        ensure_checkpoint(cfg)
+        tokenizer = Tokenizer(cfg.model.path)
+        self.engine = Engine.from_config(cfg)
+        # Read by APIKeyMiddleware; one replica per process, so app state is this replica's.
+        api.state.api_key = cfg.serve.api_key or os.environ.get("RAYPP_API_KEY") or None
+        self.serving = OpenAIServing(self.engine, tokenizer, served_name(cfg), self.engine.max_model_len,
+                                     self.engine.model_config.vocab_size)
+        logger.info("raypp: serving %s (tp=%d, pp=%d, max_model_len=%d)", self.serving.served_name,
+                    cfg.parallel.tp, cfg.parallel.pp, self.engine.max_model_len)
+
+    @api.get("/v1/models", response_model=P.ModelList, responses=openapi.error_responses(401))
+    async def models(self):
+        return self.serving.models()
+
+    @api.get("/v1/models/{model}", response_model=P.ModelCard, responses=openapi.error_responses(401, 404))
+    async def model(self, model: str):
+        self.serving.check_model(model)
+        return self.serving.models().data[0]
+
+    @api.post("/v1/completions", response_model=P.CompletionResponse,
+              responses={**openapi.streaming_200(P.CompletionResponse, P.CompletionChunk),
+                         **openapi.error_responses(400, 401, 404, 429)})
+    async def completions(self, body: P.CompletionRequest):
+        return await self.serving.completions(body)
+
+    @api.post("/v1/chat/completions", response_model=P.ChatCompletionResponse,
+              responses={**openapi.streaming_200(P.ChatCompletionResponse, P.ChatCompletionChunk),
+                         **openapi.error_responses(400, 401, 404, 429)})
+    async def chat_completions(self, body: P.ChatCompletionRequest):
+        return await self.serving.chat(body)
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        """200 while this replica's engine is up (Serve's own health check is `check_health`)."""
+        return {"status": "ok", "model": self.serving.served_name}
+
+    @api.get("/stats")
+    async def stats(self) -> dict:
+        """The engine's counters for this replica: running, waiting, KV blocks, bubble stats."""
+        return self.engine.stats()
+
+    async def check_health(self):
+        # Serve calls this every few seconds; a dead worker makes it raise and Serve replaces the
+        # replica.  The engine's check waits on its workers, so it runs off the event loop.
+        await asyncio.to_thread(self.engine.check_health)
+
+    def __del__(self):
+        # Serve calls this on graceful shutdown: give the workers and placement groups back now.
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            try:
+                engine.shutdown()
+            except Exception:
+                logger.exception("raypp: engine shutdown failed")
+
+
+def parse_args(args) -> DeploymentConfig:
+    """The deployment file's `args:` as a DeploymentConfig; errors name every bad field."""
+    if isinstance(args, DeploymentConfig):
+        return args
+    try:
+        return DeploymentConfig.model_validate(args or {})
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "args"
+            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+            got = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err.get('input')!r})"
+            lines.append(f"args.{field}: {msg}{got}")
+        raise UserError("invalid raypp deployment args:\n  " + "\n  ".join(lines)) from None
+
+
+def build_app(args: dict) -> Application:
+    cfg = resolve_paths(parse_args(args))
+    sched = cfg.scheduler
+    # Serve must let every request the engine could run or queue through to the replica, or
+    # Serve's own queue would hide the engine's 429 behind unbounded waiting.
+    max_ongoing = sched.max_num_seqs + sched.max_queue + 8
+    return LLMServer.options(max_ongoing_requests=max_ongoing).bind(cfg.model_dump())
