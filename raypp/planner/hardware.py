@@ -32,7 +32,7 @@ class Link:
 class Efficiency:
     """Fractions of peak that real serving kernels reach.
 
-    GPU defaults are `calibration.fit()` over 21 published measurements (bw
+    GPU defaults are `calibration.fit()` over 23 published measurements (bw
     capped at 0.90: STREAM-like kernels reach ~90% of HBM peak, and above that
     the fit only trades bandwidth against the decode overhead)."""
     bw: float = 0.90              # weight/KV streaming vs HBM peak (decode GEMV, paged attention)
@@ -40,7 +40,7 @@ class Efficiency:
     flops8: float = 0.52          # large fp8 GEMMs vs dense fp8 peak
     link: float = 0.60            # NCCL bus bandwidth vs link peak
     layer_overhead_prefill: float = 180e-6   # s per layer per forward: launches, norms, rope, sync
-    layer_overhead_decode: float = 60e-6     # s per layer per step (CUDA graphs make this smaller)
+    layer_overhead_decode: float = 80e-6     # s per layer per step (CUDA graphs make this smaller)
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ LINKS: dict[str, Link] = {l.name: l for l in [
     Link("ib-hdr", "network", 25 * GB, 20e-6, "InfiniBand HDR 200 Gb/s per port, one port per GPU (DGX A100 design)"),
     Link("eth-400g", "network", 50 * GB, 30e-6, "400 GbE (RoCE) per GPU: 400 Gb/s = 50 GB/s"),
     Link("eth-100g", "network", 12.5 * GB, 40e-6, "100 GbE per node shared by its GPUs: 100 Gb/s = 12.5 GB/s"),
-    Link("gloo-loopback", "loopback", 0.7 * GB, 1.0e-3,
-         "measured here: gloo all-reduce between 2 processes, 1 KiB -> ~1.1 ms, 4 MiB -> ~7.4 ms "
+    Link("gloo-loopback", "loopback", 0.65 * GB, 0.8e-3,
+         "measured here: gloo all-reduce between 2 processes, 1 KiB -> 0.6-1.1 ms, 4 MiB -> 7.2-7.4 ms "
          "(median of 30, shared 2-core VM; see cpu_probe.py)"),
 ]}
 
