@@ -110,9 +110,14 @@ def parse_args(args) -> DeploymentConfig:
         for err in e.errors():
             field = ".".join(str(p) for p in err["loc"]) or "args"
             msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-            got = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err.get('input')!r})"
+            got = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {_short(err.get('input'))})"
             lines.append(f"args.{field}: {msg}{got}")
         raise UserError("invalid raypp deployment args:\n  " + "\n  ".join(lines)) from None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def build_app(args: dict) -> Application:
@@ -120,5 +125,11 @@ def build_app(args: dict) -> Application:
     sched = cfg.scheduler
     # Serve must let every request the engine could run or queue through to the replica, or
     # Serve's own queue would hide the engine's 429 behind unbounded waiting.
-    max_ongoing = sched.max_num_seqs + sched.max_queue + 8
-    return LLMServer.options(max_ongoing_requests=max_ongoing).bind(cfg.model_dump())
+    options = {"max_ongoing_requests": sched.max_num_seqs + sched.max_queue + 8,
+               # A replica that cannot build its pipeline already waited placement_timeout_s for
+               # the cluster; retrying would only multiply that wait before the error shows.
+               "max_constructor_retry_count": 1}
+    if cfg.parallel.tp * cfg.parallel.pp == 1 and cfg.parallel.device == "cuda":
+        # No Ray workers at TP = PP = 1: the replica runs the model itself, so it holds the GPU.
+        options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 1}
+    return LLMServer.options(**options).bind(cfg.model_dump())

@@ -18,7 +18,7 @@ class APIKeyMiddleware:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and _route_path(scope).startswith("/v1/"):
             key = getattr(scope["app"].state, "api_key", None) if "app" in scope else None
             if key and not _authorized(scope, key):
                 resp = error_response(401, "Missing or incorrect API key: send `Authorization: Bearer <key>` "
@@ -27,6 +27,12 @@ class APIKeyMiddleware:
                 await resp(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _route_path(scope) -> str:
+    """The path inside this app: Serve mounts an app under its route_prefix (the ASGI root_path)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 def _authorized(scope, key: str) -> bool:
