@@ -20,9 +20,16 @@ def hf_model(path):
 
 @torch.inference_mode()
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    """n argmax tokens with HF's own KV cache; EOS is a token like any other (like ignore_eos).
+
+    A plain loop rather than generate(): its min_new_tokens processor would mask EOS.
+    """
+    out = model(torch.tensor([prompt]), use_cache=True)
+    ids = []
+    for _ in range(n):
+        ids.append(int(out.logits[0, -1].argmax()))
+        out = model(torch.tensor([[ids[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    return ids
 
 
 def greedy(max_tokens: int) -> SamplingParams:

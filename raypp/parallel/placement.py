@@ -36,9 +36,8 @@ def _fits(free: dict[str, float], bundle: dict[str, float], count: int) -> bool:
 
 
 def describe_shortfall(tp: int, pp: int, bundle: dict[str, float]) -> str:
-    keep = set(bundle) | {"CPU", "GPU"}
     nodes = "; ".join(
-        f"node {nid[:8]}: " + ", ".join(f"{k}={v:g}" for k, v in sorted(free.items()) if k in keep)
+        f"node {nid[:8]}: " + ", ".join(f"{k}={free.get(k, 0.0):g}" for k in sorted(bundle))
         for nid, free in sorted(_free_per_node().items())) or "no alive nodes"
     need = ", ".join(f"{k}={v * tp:g}" for k, v in bundle.items())
     return (f"cannot place {pp} stage(s) of {tp} workers: each stage needs one node with {need} free "
