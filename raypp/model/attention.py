@@ -75,19 +75,22 @@ class AttentionMetadata:
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] of the new tokens; cache [2, slots, Hkv, D]. Returns [T, Hq, D]."""
-    cache[0, meta.slot_mapping] = k
-    cache[1, meta.slot_mapping] = v
+    k_cache, v_cache = cache[0], cache[1]  # views; indexing `cache[0, slots]` would copy the whole pool
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     if meta.decode_rows.numel():
-        qd = q[meta.decode_rows].unsqueeze(2)                         # [B, Hq, 1, D]
-        kd = cache[0, meta.decode_slots].transpose(1, 2)              # [B, Hkv, L, D]
-        vd = cache[1, meta.decode_slots].transpose(1, 2)
+        b, length = meta.decode_slots.shape
+        slots = meta.decode_slots.flatten()
+        qd = q[meta.decode_rows].unsqueeze(2)                                           # [B, Hq, 1, D]
+        kd = k_cache.index_select(0, slots).view(b, length, *k.shape[1:]).transpose(1, 2)  # [B, Hkv, L, D]
+        vd = v_cache.index_select(0, slots).view(b, length, *v.shape[1:]).transpose(1, 2)
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
         out[meta.decode_rows] = o.squeeze(2)
     for p in meta.prefills:
         qp = q[p.rows].transpose(0, 1)                                # [Hq, q, D]
-        kp = cache[0, p.slots].transpose(0, 1)                        # [Hkv, n, D]
-        vp = cache[1, p.slots].transpose(0, 1)
+        kp = k_cache.index_select(0, p.slots).transpose(0, 1)         # [Hkv, n, D]
+        vp = v_cache.index_select(0, p.slots).transpose(0, 1)
         o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, is_causal=p.mask is None,
                                            scale=scale, enable_gqa=True)
         out[p.rows] = o.transpose(0, 1)
