@@ -14,7 +14,6 @@ from raypp.errors import UserError
 
 COMMANDS = {
     "make-tiny": ("raypp.model.tiny", "write a deterministic Llama checkpoint (HF format) with a tokenizer"),
-    "generate": ("raypp.runtime.generate", "generate text from a local checkpoint with the in-process engine"),
     "plan": ("raypp.planner.command", "choose TP x PP for a model, a cluster and a priority"),
     "bench": ("raypp.runtime.bench", "measure throughput, latency and bubble time of a layout"),
 }
