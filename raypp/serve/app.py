@@ -45,6 +45,8 @@ class LLMServer:
         cfg = DeploymentConfig.model_validate(cfg)
         ensure_checkpoint(cfg)
         tokenizer = Tokenizer(cfg.model.path)
+        logger.info("raypp: starting a tp=%d x pp=%d pipeline for %s", cfg.parallel.tp, cfg.parallel.pp,
+                    cfg.model.path)
         self.engine = Engine.from_config(cfg)
         # Read by APIKeyMiddleware; one replica per process, so app state is this replica's.
         api.state.api_key = cfg.serve.api_key or os.environ.get("RAYPP_API_KEY") or None
