@@ -154,13 +154,15 @@ def main() -> int:
         return res
 
     t0 = time.perf_counter()
+    host_at_start = bench.host_info()
     with bench.open_engine(config, use_ray=False, log=log) as engine:
         res = asyncio.run(measure(engine))
     peers = load_peers(Path(args.peers_root))
     out = {
         "system": "raypp", "layout": f"1 proc (in-process engine, TP=1 PP=1), {args.threads} torch threads",
         "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
-        "model": str(Path(args.model).resolve()), "host": bench.host_info(), "dtype": "float32",
+        "model": str(Path(args.model).resolve()), "host": bench.host_info(),
+        "loadavg_at_start": host_at_start["loadavg_1_5_15"], "dtype": "float32",
         "prompt_len": plen, "new_tokens": new, "batch": args.batch, "reps": args.reps,
         "scheduler": {"max_num_seqs": args.batch, "max_tokens_per_micro_batch": budget, "max_model_len": 512},
         "wall_s": time.perf_counter() - t0,

@@ -183,6 +183,8 @@ def stage_delta(before: list[dict], after: list[dict]) -> list[dict]:
         span = d["busy_s"] + d["idle_s"]
         d["stage"] = a["stage"]
         d["bubble_ratio"] = d["idle_s"] / span if span > 0 else 0.0
+        d["busy_ms_per_step"] = d["busy_s"] / d["steps"] * 1e3 if d["steps"] else None
+        d["idle_ms_per_step"] = d["idle_s"] / d["steps"] * 1e3 if d["steps"] else None
         out.append(d)
     return out
 
@@ -213,6 +215,7 @@ class LoadResult:
     traces: list[RequestTrace]
     stages_run: list[dict]            # per-stage busy/idle over the whole run
     stages_steady: list[dict] | None  # ... over the steady decode window (None if there was none)
+    engine_step_ms: float             # mean time from a micro-batch's submission to its return (engine's view)
     steady_window_s: tuple[float, float] | None  # relative to the run's start
     t0: float
 
@@ -231,7 +234,7 @@ class LoadResult:
         return {
             "concurrency": self.concurrency, "num_requests": self.num_requests,
             "input_len": self.input_len, "output_len": self.output_len,
-            "wall_s": self.wall_s, "output_tokens": self.output_tokens,
+            "wall_s": self.wall_s, "output_tokens": self.output_tokens, "engine_step_ms": self.engine_step_ms,
             "output_tok_s": self.output_tok_s,
             "steady_decode_tok_s": steady_tok,
             "steady_window_s": list(self.steady_window_s) if self.steady_window_s else None,
@@ -300,7 +303,7 @@ async def run_load(engine, prompts: list[list[int]], output_len: int, concurrenc
         window = (marks["steady_start"][0] - t0, marks["steady_end"][0] - t0)
     return LoadResult(concurrency, num_requests, len(prompts[0]), output_len, wall,
                       sum(len(t.ids) for t in traces), list(traces), stage_delta(before, after),
-                      steady, window, t0)
+                      steady, engine.stats()["mean_step_time_s"] * 1e3, window, t0)
 
 
 async def generate_timed(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
@@ -491,7 +494,8 @@ def host_info() -> dict:
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
     return {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu,
-            "ncpu": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+            "ncpu": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
 
 
 # ---------------------------------------------------------------------------------- the command
