@@ -82,7 +82,7 @@ def test_a_dead_worker_fails_requests_instead_of_hanging(local_ray, tiny_ckpt, p
                 await asyncio.wait_for(stream, 60)
         asyncio.run(main())
         with pytest.raises(EngineDeadError):
-            engine.check_health()
+            asyncio.run(engine.check_health())
     finally:
         engine.shutdown()
     assert not live_actors() and not live_groups()

@@ -191,11 +191,12 @@ class Engine:
 
     # ---- introspection and lifecycle ------------------------------------------------------
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
+        """Raises EngineDeadError if a step failed or a worker does not answer a ping."""
         if self.error is not None:
             raise EngineDeadError(f"engine is dead: {self.error!r}")
         try:
-            self.executor.check_health()
+            await self.executor.check_health()
         except Exception as e:
             self._fail_all(e)
             raise EngineDeadError(f"a worker is unreachable: {e!r}") from e

@@ -32,7 +32,7 @@ class LocalExecutor:
         # A thread keeps the event loop (HTTP streams, new requests) responsive during the step.
         return [await asyncio.to_thread(self.worker.execute, step)]
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         pass
 
     def shutdown(self) -> None:
@@ -98,8 +98,8 @@ class RayExecutor:
         ref = ray.put(step)
         return await asyncio.gather(*[a.execute.remote(ref) for a in self.actors])
 
-    def check_health(self, timeout_s: float = 10.0) -> None:
-        ray.get([a.ping.remote() for a in self.actors], timeout=timeout_s)
+    async def check_health(self, timeout_s: float = 10.0) -> None:
+        await asyncio.wait_for(asyncio.gather(*[a.ping.remote() for a in self.actors]), timeout_s)
 
     def shutdown(self) -> None:
         for actor in self.actors:

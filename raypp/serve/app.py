@@ -8,7 +8,6 @@ replica of it owns one engine: one TP x PP pipeline with its placement groups.  
 and Serve's router spreads requests over them.
 """
 
-import asyncio
 import importlib.metadata
 import logging
 import os
@@ -88,8 +87,8 @@ class LLMServer:
 
     async def check_health(self):
         # Serve calls this every few seconds; a dead worker makes it raise and Serve replaces the
-        # replica.  The engine's check waits on its workers, so it runs off the event loop.
-        await asyncio.to_thread(self.engine.check_health)
+        # replica instead of leaving a zombie that accepts requests it cannot serve.
+        await self.engine.check_health()
 
     def __del__(self):
         # Serve calls this on graceful shutdown: give the workers and placement groups back now.
