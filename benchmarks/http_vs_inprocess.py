@@ -174,8 +174,8 @@ def main(argv=None) -> int:
     import ray
 
     from raypp.model.config import ModelConfig
+    from raypp.runtime.engine import ensure_checkpoint
     from raypp.serve import parse_args
-    from raypp.serve.checkpoint import ensure_checkpoint
 
     config = load_deployment(a.deployment)
     args = app_args(config)

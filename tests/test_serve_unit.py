@@ -6,9 +6,10 @@ from fastapi.testclient import TestClient
 
 from raypp.config import DeploymentConfig
 from raypp.errors import UserError
+from raypp.runtime.engine import ensure_checkpoint
 from raypp.serve import parse_args
 from raypp.serve import protocol as P
-from raypp.serve.checkpoint import ensure_checkpoint, resolve_paths, served_name
+from raypp.serve.checkpoint import resolve_paths, served_name
 from raypp.serve.errors import install as install_errors
 from raypp.serve.textstream import IncrementalDetokenizer, TextStream
 from raypp.serve.tokenizer import Tokenizer

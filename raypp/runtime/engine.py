@@ -12,14 +12,16 @@ cannot serve.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import shutil
 import time
 import uuid
 from pathlib import Path
 from typing import AsyncIterator
 
 from raypp.config import DeploymentConfig
-from raypp.errors import UserError
+from raypp.errors import CheckpointError, UserError
 from raypp.model.config import ModelConfig
 from raypp.model.sampling import SamplingParams
 from raypp.parallel.layout import make_layout
@@ -37,10 +39,31 @@ class EngineDeadError(RuntimeError):
 
 
 def ensure_checkpoint(config: DeploymentConfig) -> Path:
+    """The checkpoint directory, written first if absent and `model.make_tiny_if_missing` asks.
+
+    Written into a temporary sibling and renamed into place, so that two replicas
+    starting at once, or a reader racing the writer, never see half a checkpoint.
+    """
     path = Path(config.model.path).expanduser().resolve()
-    if not (path / "config.json").is_file() and config.model.make_tiny_if_missing:
-        from raypp.model.tiny import make_checkpoint
-        make_checkpoint(path, preset=config.model.make_tiny_if_missing, progress=True)
+    preset = config.model.make_tiny_if_missing
+    if preset is None or (path / "config.json").is_file():
+        return path
+    if path.exists() and any(path.iterdir()):
+        raise CheckpointError(f"{path} exists but has no config.json; empty it or point model.path elsewhere "
+                              f"before asking make_tiny_if_missing to write a {preset!r} checkpoint there")
+    from raypp.model.tiny import make_checkpoint
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    make_checkpoint(tmp, preset=preset, progress=True)
+    try:
+        if path.exists():
+            path.rmdir()  # an empty directory left by the user: replace it
+        os.rename(tmp, path)
+    except OSError:
+        if not (path / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another replica finished first
     return path
 
 

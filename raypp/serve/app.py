@@ -22,7 +22,7 @@ from raypp.errors import UserError
 from raypp.serve import errors, openapi
 from raypp.serve import protocol as P
 from raypp.serve.auth import APIKeyMiddleware
-from raypp.serve.checkpoint import ensure_checkpoint, resolve_paths, served_name
+from raypp.serve.checkpoint import resolve_paths, served_name
 
 logger = logging.getLogger("ray.serve")
 
