@@ -42,11 +42,10 @@ class LLMServer:
         from raypp.serve.tokenizer import Tokenizer
 
         cfg = DeploymentConfig.model_validate(cfg)
-        ensure_checkpoint(cfg)
-        tokenizer = Tokenizer(cfg.model.path)
         logger.info("raypp: starting a tp=%d x pp=%d pipeline for %s", cfg.parallel.tp, cfg.parallel.pp,
                     cfg.model.path)
-        self.engine = Engine.from_config(cfg)
+        self.engine = Engine.from_config(cfg)  # writes the tiny checkpoint first if asked and absent
+        tokenizer = Tokenizer(self.engine.model_path)
         # Read by APIKeyMiddleware; one replica per process, so app state is this replica's.
         api.state.api_key = cfg.serve.api_key or os.environ.get("RAYPP_API_KEY") or None
         self.serving = OpenAIServing(self.engine, tokenizer, served_name(cfg), self.engine.max_model_len,
