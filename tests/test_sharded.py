@@ -56,7 +56,9 @@ def generate_on_layout(rank, world, port, path, tp, pp, stage_layers, prompts, r
         for g, t in zip(generated, box[0]):
             g.append(t)
     if rank == sampler:
-        results.put((logits, generated, worker.bytes_loaded))
+        # As a numpy array: pickled by value.  A torch tensor would travel as a shared-memory fd
+        # that dies with this process, which may exit before the parent reads the queue.
+        results.put((logits.numpy(), generated, worker.bytes_loaded))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -72,6 +74,7 @@ def run_layout(path, tp, pp, prompts, stage_layers=None):
         p.start()
     try:
         logits, generated, _ = results.get(timeout=240)
+        logits = torch.from_numpy(logits)
     finally:
         for p in procs:
             p.join(timeout=60)
