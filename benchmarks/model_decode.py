@@ -21,6 +21,13 @@ numbers are copied into the output with the ratios and the targets.
 Then (unless --no-profile) where the time goes: the engine's per-token time at batch 1 and 32
 (ITL p50 under run_load), and one recorded decode step of each batch replayed on the worker
 under torch.profiler (execute / metadata build / forward / sampling, top ops by self CPU time).
+
+On a shared, noisy machine two runs minutes apart can differ 2-3x, so `--sandwich hf,vllm_tp1`
+measures side by side instead: raypp, peer, raypp, next peer, raypp, ... (the peers run with
+the same commands as run_all.sh, from the venvs it built) and rates each peer against the mean
+of the two raypp runs around it (out: model_decode_sandwich.json, no profile).  raypp runs the
+layout that matches the peer: in-process with --threads threads next to hf / vllm_tp1, TP=2 or
+PP=2 (micro_batches 2) on two Ray actors of one CPU each next to vllm_tp2 / vllm_pp2.
 """
 from __future__ import annotations
 
@@ -28,6 +35,8 @@ import argparse
 import asyncio
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,6 +66,41 @@ def load_peers(root: Path) -> dict:
     return out
 
 
+PEER_ARGS = {  # as run_all.sh runs them
+    "hf": ("hf-venv", "hf_bench.py", ["--threads", "2"]),
+    "vllm_tp1": ("vllm-venv", "vllm_bench.py", ["--tp", "1", "--pp", "1", "--bind", "0-1"]),
+    "vllm_tp2": ("vllm-venv", "vllm_bench.py", ["--tp", "2", "--pp", "1", "--bind", "0|1"]),
+    "vllm_pp2": ("vllm-venv", "vllm_bench.py", ["--tp", "1", "--pp", "2", "--bind", "0|1"]),
+}
+
+
+# the raypp layout a peer is compared with: the same number of cores, split the same way
+SANDWICH_LAYOUT = {"hf": "local", "vllm_tp1": "local", "vllm_tp2": "tp2", "vllm_pp2": "pp2"}
+
+
+def run_peer(step: str, model: str, peers_root: Path, tag: str, timeout_s: int = 1500) -> dict:
+    venv, script, extra = PEER_ARGS[step]
+    out_dir = peers_root / "sandwich"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out, log_path = out_dir / f"{tag}.json", out_dir / f"{tag}.log"
+    cmd = [str(peers_root / venv / "bin" / "python"), os.path.join(PEERS_DIR, script), model, *extra, "--out", str(out)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               VLLM_CACHE_ROOT=os.environ.get("VLLM_CACHE_ROOT", str(peers_root / "cache" / "vllm")))
+    env.pop("OMP_NUM_THREADS", None)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            rc = proc.wait()
+    if rc != 0 or not out.is_file():
+        raise RuntimeError(f"peer {step} failed (rc={rc}); see {log_path}")
+    res = json.loads(out.read_text())
+    res["command"] = " ".join(cmd)
+    return res
+
+
 def compare(raypp: dict, peers: dict) -> dict:
     ratios, targets = {}, {}
     if "hf" in peers:
@@ -79,6 +123,69 @@ def compare(raypp: dict, peers: dict) -> dict:
     return {"ratios": ratios, "targets": targets, "first_ids_vs_peers": ids}
 
 
+def run_sandwich(args, sandwich: list[str], raypp_run, log, t0: float) -> int:
+    """raypp, peer 1, raypp, peer 2, raypp, ...: each peer against the mean of its two neighbours."""
+    from raypp.runtime import bench
+
+    seq = []
+
+    def record(what: str, fn) -> dict:
+        start = time.time()
+        la = os.getloadavg()[0]
+        log(f"[sandwich] {what} (loadavg {la:.1f})")
+        res = fn()
+        seq.append({"what": what, "start": start, "end": time.time(), "loadavg_1min_at_start": la,
+                    **{k: res.get(k) for k in ("bs1_decode_ms_per_token", "bs1_decode_ms_per_token_reps",
+                                               "bs32_output_tok_s", "bs32_output_tok_s_reps", "first_ids_bs1",
+                                               "command")}})
+        log(f"[sandwich]   {what}: batch-1 {res['bs1_decode_ms_per_token']:.2f} ms/token, "
+            f"batch-32 {res['bs32_output_tok_s']:.1f} tok/s")
+        return res
+
+    before, before_layout = None, None
+    pairs = {}
+    for i, step in enumerate(sandwich):
+        layout = SANDWICH_LAYOUT[step]
+        if before_layout != layout:
+            before = record(f"raypp {layout}", lambda: raypp_run(False, layout))
+        peer = record(step, lambda: run_peer(step, args.model, Path(args.peers_root), f"{step}_{i}"))
+        after = record(f"raypp {layout}", lambda: raypp_run(False, layout))
+        bs1 = (before["bs1_decode_ms_per_token"] + after["bs1_decode_ms_per_token"]) / 2
+        bs32 = (before["bs32_output_tok_s"] + after["bs32_output_tok_s"]) / 2
+        pairs[step] = {"raypp_bs1_ms_mean_of_neighbours": bs1, "peer_bs1_ms": peer["bs1_decode_ms_per_token"],
+                       "bs1_ratio": bs1 / peer["bs1_decode_ms_per_token"],
+                       "raypp_bs32_tok_s_mean_of_neighbours": bs32, "peer_bs32_tok_s": peer["bs32_output_tok_s"],
+                       "bs32_ratio": bs32 / peer["bs32_output_tok_s"],
+                       "first_ids_match": peer.get("first_ids_bs1") == after["first_ids_bs1"]}
+        pairs[step]["raypp_layout"] = layout
+        before, before_layout = after, layout
+    targets = {}
+    for key, (text, op, bound) in TARGETS.items():
+        peer, metric = key.split("_vs_")[1], key.split("_vs_")[0]
+        if peer in pairs:
+            r = pairs[peer]["bs1_ratio" if metric == "bs1" else "bs32_ratio"]
+            targets[key] = {"target": text, "ratio": r, "met": r <= bound if op == "<=" else r >= bound}
+    for step, p in pairs.items():  # raypp PP=2 vs vLLM PP=2 throughput (pipeline_scaling's target, side by side)
+        if step == "vllm_pp2":
+            targets["bs32_pp2_vs_vllm_pp2"] = {"target": "raypp PP=2 tok/s >= 2x vLLM-cpu PP=2", "ratio": p["bs32_ratio"],
+                                               "met": p["bs32_ratio"] >= 2.0}
+    out = {"system": "raypp", "mode": "sandwich",
+           "layouts": {"local": f"1 proc (in-process engine), {args.threads} torch threads",
+                       "tp2": "TP=2 on 2 Ray actors, 1 CPU (torch thread) each",
+                       "pp2": "PP=2 micro_batches=2 on 2 Ray actors, 1 CPU (torch thread) each"},
+           "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+           "model": str(Path(args.model).resolve()), "host": bench.host_info(), "reps": args.reps,
+           "wall_s": time.perf_counter() - t0, "sequence": seq, "pairs": pairs, "targets": targets}
+    bench.write_json(out, args.out)
+    for step, p in pairs.items():
+        log(f"raypp / {step}: batch-1 ms/token ratio {p['bs1_ratio']:.3f}, batch-32 tok/s ratio {p['bs32_ratio']:.3f}, "
+            f"first ids {'match' if p['first_ids_match'] else 'DIFFER'}")
+    for v in targets.values():
+        log(f"  target {v['target']:45s} ratio {v['ratio']:.3f}: {'met' if v['met'] else 'MISSED'}")
+    log(f"wrote {args.out}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model", nargs="?", default="/tmp/peers/ckpt")
@@ -90,8 +197,16 @@ def main() -> int:
                          "max_num_batched_tokens in vllm_bench.py)")
     ap.add_argument("--peers-root", default=os.environ.get("PEERS_ROOT", "/tmp/peers"))
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--sandwich", default="",
+                    help="comma-separated peers (hf, vllm_tp1, vllm_tp2, vllm_pp2) to run between raypp runs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "model_decode.json"))
     args = ap.parse_args()
+    sandwich = [x for x in args.sandwich.split(",") if x]
+    for x in sandwich:
+        if x not in PEER_ARGS:
+            ap.error(f"--sandwich: unknown peer {x!r}; choose from {', '.join(PEER_ARGS)}")
+    if sandwich and args.out == ap.get_default("out"):
+        args.out = str(ROOT / "benchmarks" / "results" / "model_decode_sandwich.json")
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
@@ -107,8 +222,8 @@ def main() -> int:
     prompts = common.make_prompts(args.model, n=args.batch)
     log = lambda m: print(m, flush=True)  # noqa: E731
 
-    async def measure(engine) -> dict:
-        rec = None if args.no_profile else bench.StepRecorder(engine)
+    async def measure(engine, profile: bool) -> dict:
+        rec = bench.StepRecorder(engine) if profile else None
         t = time.perf_counter()
         log(f"[model_decode] batch 1: warm-up + {args.reps} x (t({new} new), t(1 new))")
         lat = await bench.decode_latency(engine, prompts[0], new, args.reps)
@@ -153,11 +268,24 @@ def main() -> int:
             res["profile"] = prof
         return res
 
+    def raypp_run(profile: bool, layout: str = "local") -> dict:
+        cfg = config if layout == "local" else bench.make_config(
+            args.model, tp=2 if layout == "tp2" else 1, pp=2 if layout == "pp2" else 1,
+            micro_batches=2 if layout == "pp2" else None, max_num_seqs=args.batch, max_model_len=512,
+            max_tokens_per_micro_batch=budget, cpus_per_worker=1)
+        with bench.open_engine(cfg, use_ray=layout != "local", log=log) as engine:
+            return asyncio.run(measure(engine, profile))
+
     t0 = time.perf_counter()
     host_at_start = bench.host_info()
-    with bench.open_engine(config, use_ray=False, log=log) as engine:
-        res = asyncio.run(measure(engine))
-    peers = load_peers(Path(args.peers_root))
+    if sandwich:
+        return run_sandwich(args, sandwich, raypp_run, log, t0)
+    res = raypp_run(not args.no_profile)
+    peers_ckpt = Path(args.peers_root) / "ckpt"
+    same = peers_ckpt.is_dir() and peers_ckpt.resolve() == Path(args.model).resolve()
+    peers = load_peers(Path(args.peers_root)) if same else {}
+    if not same:
+        log(f"[model_decode] {args.model} is not the peers' checkpoint ({peers_ckpt}): no comparison")
     out = {
         "system": "raypp", "layout": f"1 proc (in-process engine, TP=1 PP=1), {args.threads} torch threads",
         "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),

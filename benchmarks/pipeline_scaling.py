@@ -14,8 +14,11 @@ layouts   PP1 (TP=1 PP=1, one worker on a Ray actor), PP1-local (the same in the
           process, one torch thread: what Ray costs), PP2 with micro_batches 1, 2, 4, TP2.
 saturate  32 requests at once, 128-token prompts, 64 new tokens, greedy, EOS ignored:
           output tok/s with prefill (the peers' batch-32 number), decode tok/s and per-stage
-          bubble ratio in the steady decode window (all 32 have their first token .. the first
+          bubble ratio in the steady decode window (all 32 have had one decode step .. the first
           finishes); median over --reps.
+side by side  The PP1 engine stays open the whole time (1 CPU) and every other layout (at most
+          2 CPUs) alternates its runs with it: ref, X, X, ref, ref, X...  Ratios to PP1 are
+          medians over those pairs, so machine-wide noise between minutes cancels.
 batch 1   decode ms/token = (t(64 new) - t(1 new)) / 63 (the peers' formula) for PP1, TP2, PP2.
 planner   on `small`: concurrency 1 and 8, 128 in / 128 out, for TP1, TP2, PP2 (the rows of
           docs/planner.md), measured TTFT / ITL / tok/s / bubble next to `raypp plan --json`.
@@ -29,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -60,6 +64,23 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def unique_placement_group_names() -> None:
+    """Two engines open at once in one Ray namespace collide: RayExecutor names its placement
+    groups `raypp-stage<i>` and Ray refuses a second group of the same name ("name 'raypp-stage0'
+    already exists").  Reported to the runtime's owners; until then this script names each
+    engine's groups uniquely (a wrapper here, nothing in raypp is changed)."""
+    import itertools
+
+    from raypp.runtime import executors
+
+    orig, counter = executors.create_stage_groups, itertools.count()
+
+    def create(tp, pp, parallel, name="raypp"):
+        return orig(tp, pp, parallel, name=f"{name}-bench{next(counter)}")
+
+    executors.create_stage_groups = create
+
+
 def planner(model: str, tp: int, pp: int, c: int, inp: int, out: int, mb: int | None = None) -> dict | None:
     cmd = [sys.executable, "-m", "raypp.cli", "plan", "--model", model, "--gpu", "cpu", "--gpus-per-node",
            str(tp * pp), "--dtype", "fp32", "--concurrency", str(c), "--input-len", str(inp),
@@ -80,27 +101,9 @@ def _median_by(runs: list[dict], key: str) -> dict:
     return sorted(runs, key=lambda r: r[key])[(len(runs) - 1) // 2]
 
 
-async def measure_layout(engine, name: str, prompts: list[list[int]], reps: int, with_planner: bool) -> dict:
-    pp = engine.config.parallel.pp
-    res: dict = {}
-    t = time.perf_counter()
-    await bench.generate_timed(engine, prompts[:4], 4)  # warm-up: every code path, small
-    if name in LATENCY_LAYOUTS:
-        lat = await bench.decode_latency(engine, prompts[0], OUTPUT_LEN, reps=3)
-        res["batch1"] = {k: v for k, v in lat.items() if k != "ids"} | {"first_ids": lat["ids"][:16]}
-        log(f"[scaling] {name}: batch-1 {lat['decode_ms_per_token']:.2f} ms/token [{time.perf_counter() - t:.0f}s]")
-    runs = []
-    for i in range(reps):
-        load = await bench.run_load(engine, prompts, OUTPUT_LEN, CONCURRENCY, label=f" {name} rep {i + 1}/{reps}")
-        j = load.to_json()
-        j["timeline"] = load.timeline()[:: max(1, len(load.timeline()) // 400)]
-        runs.append(j)
-        log(f"[scaling] {name} rep {i + 1}: {j['output_tok_s']:.1f} tok/s with prefill, steady decode "
-            f"{j['steady_decode_tok_s'] or 0:.1f} tok/s, bubble steady "
-            f"{[round(b, 3) for b in (j['bubble_ratio_steady'] or [])]} run {[round(b, 3) for b in j['bubble_ratio_run']]}"
-            f" [{time.perf_counter() - t:.0f}s]")
+def _saturation_summary(runs: list[dict], pp: int) -> dict:
     med = _median_by(runs, "output_tok_s")
-    res["saturation"] = {
+    return {
         "output_tok_s": statistics.median(r["output_tok_s"] for r in runs),
         "output_tok_s_reps": [r["output_tok_s"] for r in runs],
         "steady_decode_tok_s": statistics.median(r["steady_decode_tok_s"] or 0.0 for r in runs),
@@ -109,22 +112,92 @@ async def measure_layout(engine, name: str, prompts: list[list[int]], reps: int,
         "bubble_ratio_steady": [statistics.median((r["bubble_ratio_steady"] or r["bubble_ratio_run"])[s] for r in runs)
                                 for s in range(pp)],
         "bubble_ratio_run": [statistics.median(r["bubble_ratio_run"][s] for r in runs) for s in range(pp)],
-        "median_run": {k: v for k, v in med.items()},
+        "loadavg_1min_reps": [r["loadavg_1min"] for r in runs],
+        "median_run": med,
         "other_runs": [{k: v for k, v in r.items() if k not in ("timeline", "stages_run", "stages_steady")}
                        for r in runs if r is not med],
     }
-    if with_planner:
-        res["planner_loads"] = {}
-        for c, inp, out in PLANNER_LOADS:
-            load = await bench.run_load(engine, prompts[:c], out, c, label=f" {name} c={c}")
+
+
+class Layout:
+    """One open engine and everything measured on it."""
+
+    def __init__(self, name: str, engine, prompts: list[list[int]]):
+        self.name, self.engine, self.prompts = name, engine, prompts
+        self.runs: list[dict] = []
+        self.latency: list[dict] = []
+        self.t0 = time.perf_counter()
+
+    async def warm_up(self) -> None:
+        await bench.generate_timed(self.engine, self.prompts[:4], 4)  # every code path, small
+
+    async def saturate(self, label: str) -> dict:
+        load = await bench.run_load(self.engine, self.prompts, OUTPUT_LEN, CONCURRENCY, label=f" {self.name} {label}")
+        j = load.to_json()
+        j["loadavg_1min"] = os.getloadavg()[0]
+        j["timeline"] = load.timeline()[:: max(1, len(load.timeline()) // 400)]
+        self.runs.append(j)
+        log(f"[scaling] {self.name} {label}: {j['output_tok_s']:.1f} tok/s with prefill, steady decode "
+            f"{j['steady_decode_tok_s'] or 0:.1f} tok/s, bubble steady "
+            f"{[round(b, 3) for b in (j['bubble_ratio_steady'] or [])]} run {[round(b, 3) for b in j['bubble_ratio_run']]}"
+            f" (loadavg {j['loadavg_1min']:.1f}) [{time.perf_counter() - self.t0:.0f}s]")
+        return j
+
+    async def latency_rep(self, warmup: bool) -> dict:
+        lat = await bench.decode_latency(self.engine, self.prompts[0], OUTPUT_LEN, reps=1, warmup=warmup)
+        self.latency.append(lat)
+        log(f"[scaling] {self.name}: batch-1 {lat['decode_ms_per_token']:.2f} ms/token")
+        return lat
+
+    async def planner_loads(self) -> dict:
+        out = {}
+        for c, inp, n_out in PLANNER_LOADS:
+            load = await bench.run_load(self.engine, self.prompts[:c], n_out, c, label=f" {self.name} c={c}")
             j = load.to_json()
-            res["planner_loads"][f"c{c}"] = {
-                "concurrency": c, "input_len": inp, "output_len": out, "ttft_ms_p50": j["ttft_ms"]["p50"],
+            out[f"c{c}"] = {
+                "concurrency": c, "input_len": inp, "output_len": n_out, "ttft_ms_p50": j["ttft_ms"]["p50"],
                 "itl_ms_p50": j["itl_ms"]["p50"], "itl_ms_mean": j["itl_ms"]["mean"],
                 "output_tok_s": j["output_tok_s"],
                 "bubble_ratio_steady": j["bubble_ratio_steady"] or j["bubble_ratio_run"]}
-            log(f"[scaling] {name} c={c}: TTFT {j['ttft_ms']['p50']:.0f} ms, ITL {j['itl_ms']['p50']:.1f} ms, "
-                f"{j['output_tok_s']:.1f} tok/s [{time.perf_counter() - t:.0f}s]")
+            log(f"[scaling] {self.name} c={c}: TTFT {j['ttft_ms']['p50']:.0f} ms, ITL {j['itl_ms']['p50']:.1f} ms, "
+                f"{j['output_tok_s']:.1f} tok/s [{time.perf_counter() - self.t0:.0f}s]")
+        return out
+
+    def result(self) -> dict:
+        pp = self.engine.config.parallel.pp
+        res = {"saturation": _saturation_summary(self.runs, pp)}
+        if self.latency:
+            per = [x["decode_ms_per_token"] for x in self.latency]
+            res["batch1"] = {"decode_ms_per_token": statistics.median(per), "decode_ms_per_token_reps": per,
+                             "prefill_plus_first_token_s": statistics.median(
+                                 x["prefill_plus_first_token_s"] for x in self.latency),
+                             "first_ids": self.latency[-1]["ids"][:16]}
+        return res
+
+
+async def measure_against_ref(ref: Layout, x: Layout, reps: int, with_latency: bool, with_planner: bool) -> dict:
+    """x and the PP1 reference side by side: their runs alternate (ref, x, x, ref, ref, x, ...), so a
+    ratio compares runs seconds apart on this shared machine."""
+    await x.warm_up()
+    pairs: dict = {"output_tok_s": [], "steady_decode_tok_s": [], "batch1_ms_per_token": []}
+    if with_latency:
+        for i in range(3):
+            order = (ref, x) if i % 2 == 0 else (x, ref)
+            got = {lay.name: await lay.latency_rep(warmup=(i == 0)) for lay in order}
+            pairs["batch1_ms_per_token"].append(got[x.name]["decode_ms_per_token"] / got[ref.name]["decode_ms_per_token"])
+    for i in range(reps):
+        order = (ref, x) if i % 2 == 0 else (x, ref)
+        got = {lay.name: await lay.saturate(f"rep {i + 1}/{reps}") for lay in order}
+        a, b = got[x.name], got[ref.name]
+        pairs["output_tok_s"].append(a["output_tok_s"] / b["output_tok_s"])
+        if a["steady_decode_tok_s"] and b["steady_decode_tok_s"]:
+            pairs["steady_decode_tok_s"].append(a["steady_decode_tok_s"] / b["steady_decode_tok_s"])
+    res = x.result()
+    res["vs_PP1"] = {k: {"median": statistics.median(v), "reps": v} for k, v in pairs.items() if v}
+    log(f"[scaling] {x.name} / PP1 side by side: " + ", ".join(
+        f"{k} {v['median']:.3f}" for k, v in res["vs_PP1"].items()))
+    if with_planner:
+        res["planner_loads"] = await x.planner_loads()
     return res
 
 
@@ -139,24 +212,46 @@ def run_checkpoint(tag: str, path: Path, reps: int, with_planner: bool, planner_
     out = {"path": str(path), "model": {"layers": cfg.num_layers, "hidden": cfg.hidden_size,
                                         "vocab": cfg.vocab_size}, "layouts": {}}
     max_len = INPUT_LEN + max(OUTPUT_LEN, *(o for _, _, o in PLANNER_LOADS))
-    for name, (tp, pp, mb, on_ray) in LAYOUTS.items():
-        if only and name not in only:
-            continue
-        log(f"[scaling] --- {tag}: {name} (TP={tp} PP={pp} micro_batches={mb}, "
-            f"{'Ray actors' if on_ray else 'in-process, 1 torch thread'}) ---")
-        config = bench.make_config(path, tp=tp, pp=pp, micro_batches=mb, cpus_per_worker=1,
-                                   max_num_seqs=CONCURRENCY, max_model_len=max_len,
-                                   max_tokens_per_micro_batch=TOKEN_BUDGET)
-        if not on_ray:
-            torch.set_num_threads(1)
-        t = time.perf_counter()
-        with bench.open_engine(config, use_ray=on_ray, log=log) as engine:
-            startup = time.perf_counter() - t
-            res = asyncio.run(measure_layout(engine, name, prompts, reps,
-                                             with_planner and name in PLANNER_LAYOUTS))
-        res.update({"tp": tp, "pp": pp, "micro_batches": mb, "executor": "ray" if on_ray else "in-process",
-                    "startup_s": startup, "wall_s": time.perf_counter() - t})
-        out["layouts"][name] = res
+
+    def config_of(name):
+        tp, pp, mb, _ = LAYOUTS[name]
+        return bench.make_config(path, tp=tp, pp=pp, micro_batches=mb, cpus_per_worker=1,
+                                 max_num_seqs=CONCURRENCY, max_model_len=max_len,
+                                 max_tokens_per_micro_batch=TOKEN_BUDGET)
+
+    def describe(name):
+        tp, pp, mb, on_ray = LAYOUTS[name]
+        return (f"{name} (TP={tp} PP={pp} micro_batches={mb}, "
+                f"{'Ray actors' if on_ray else 'in-process, 1 torch thread'})")
+
+    torch.set_num_threads(1)  # the driver computes only for PP1-local
+    log(f"[scaling] --- {tag}: reference {describe('PP1')}, kept open; every other layout runs beside it ---")
+    t_ref = time.perf_counter()
+    with bench.open_engine(config_of("PP1"), use_ray=True, log=log) as ref_engine:
+        ref = Layout("PP1", ref_engine, prompts)
+        ref_startup = time.perf_counter() - t_ref
+        asyncio.run(ref.warm_up())
+        for name, (tp, pp, mb, on_ray) in LAYOUTS.items():
+            if name == "PP1" or (only and name not in only):
+                continue
+            log(f"[scaling] --- {tag}: {describe(name)} ---")
+            t = time.perf_counter()
+            with bench.open_engine(config_of(name), use_ray=on_ray, log=log) as engine:
+                startup = time.perf_counter() - t
+                res = asyncio.run(measure_against_ref(
+                    ref, Layout(name, engine, prompts), reps, name in LATENCY_LAYOUTS,
+                    with_planner and name in PLANNER_LAYOUTS))
+            res.update({"tp": tp, "pp": pp, "micro_batches": mb, "executor": "ray" if on_ray else "in-process",
+                        "startup_s": startup, "wall_s": time.perf_counter() - t})
+            out["layouts"][name] = res
+        ref_planner = asyncio.run(ref.planner_loads()) if with_planner else None
+        res = ref.result()
+        if ref_planner:
+            res["planner_loads"] = ref_planner
+        res.update({"tp": 1, "pp": 1, "micro_batches": 1, "executor": "ray", "startup_s": ref_startup,
+                    "wall_s": time.perf_counter() - t_ref,
+                    "note": "reference: its runs alternate with every other layout's"})
+        out["layouts"] = {"PP1": res, **out["layouts"]}
     if with_planner:
         out["planner"] = {}
         for name, (tp, pp) in PLANNER_LAYOUTS.items():
@@ -172,20 +267,26 @@ def summarize(results: dict, peers_root: Path) -> dict:
     for tag, ck in results["checkpoints"].items():
         L = ck["layouts"]
         d = {}
-        sat = lambda n, k="output_tok_s": L[n]["saturation"][k] if n in L else None  # noqa: E731
-        if sat("PP1") and sat("PP2-mb2"):
-            d["pp2_over_pp1_tok_s"] = sat("PP2-mb2") / sat("PP1")
-            d["pp2_over_pp1_steady_decode_tok_s"] = sat("PP2-mb2", "steady_decode_tok_s") / sat("PP1", "steady_decode_tok_s")
-            best = max((n for n in ("PP2-mb1", "PP2-mb2", "PP2-mb4") if n in L), key=lambda n: sat(n))
+        # ratios to PP1 are medians of side-by-side pairs (runs seconds apart), not of separate medians
+        vs = lambda n, k: L[n]["vs_PP1"][k]["median"] if n in L and k in L[n].get("vs_PP1", {}) else None  # noqa: E731
+        if vs("PP2-mb2", "output_tok_s"):
+            d["pp2_over_pp1_tok_s"] = vs("PP2-mb2", "output_tok_s")
+            d["pp2_over_pp1_steady_decode_tok_s"] = vs("PP2-mb2", "steady_decode_tok_s")
+            best = max((n for n in ("PP2-mb1", "PP2-mb2", "PP2-mb4") if vs(n, "output_tok_s")),
+                       key=lambda n: vs(n, "output_tok_s"))
             d["best_pp2"] = best
-            d["best_pp2_over_pp1_tok_s"] = sat(best) / sat("PP1")
-        if sat("PP1") and sat("PP1-local"):
-            d["pp1_ray_over_local_tok_s"] = sat("PP1") / sat("PP1-local")
-        lat = lambda n: L[n]["batch1"]["decode_ms_per_token"] if n in L and "batch1" in L[n] else None  # noqa: E731
-        if lat("PP1") and lat("TP2"):
-            d["tp2_over_tp1_batch1_latency"] = lat("TP2") / lat("PP1")
-        if lat("PP1") and lat("PP2-mb2"):
-            d["pp2_over_pp1_batch1_latency"] = lat("PP2-mb2") / lat("PP1")
+            d["best_pp2_over_pp1_tok_s"] = vs(best, "output_tok_s")
+        if vs("PP1-local", "output_tok_s"):
+            d["pp1_ray_over_local_tok_s"] = 1 / vs("PP1-local", "output_tok_s")
+        if vs("PP1-local", "batch1_ms_per_token"):
+            d["pp1_ray_over_local_batch1_latency"] = 1 / vs("PP1-local", "batch1_ms_per_token")
+        if vs("TP2", "batch1_ms_per_token"):
+            d["tp2_over_tp1_batch1_latency"] = vs("TP2", "batch1_ms_per_token")
+        if vs("TP2", "output_tok_s"):
+            d["tp2_over_tp1_tok_s"] = vs("TP2", "output_tok_s")
+        if vs("PP2-mb2", "batch1_ms_per_token"):
+            d["pp2_over_pp1_batch1_latency"] = vs("PP2-mb2", "batch1_ms_per_token")
+        sat = lambda n, k="output_tok_s": L[n]["saturation"][k] if n in L else None  # noqa: E731
         d["bubble_pp2_steady"] = {n: L[n]["saturation"]["bubble_ratio_steady"] for n in ("PP2-mb1", "PP2-mb2", "PP2-mb4")
                                   if n in L}
         if tag == "peers":
@@ -302,7 +403,11 @@ def main() -> int:
                "checkpoints": {}}
     t0 = time.perf_counter()
     ray.init(**RAY_INIT, log_to_driver=False)
+    unique_placement_group_names()
     try:
+        # `timeout` or a kill sends SIGTERM: leave through `finally`, so that Ray is shut down
+        # (set after ray.init, which installs a handler of its own).
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         results["host"] = bench.host_info()
         for tag, (path, planner_model) in cks.items():
             if tag in skip:

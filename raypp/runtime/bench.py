@@ -12,8 +12,8 @@ One run measures, for one layout:
   L prompt tokens and N new tokens, greedy, EOS ignored): output tokens / wall time, prefill
   included; TTFT and inter-token latency (ITL) per request;
 - per-stage busy / idle time and the bubble ratio (idle / (busy + idle)) over the whole run
-  and over the steady decode window (from the moment C requests have their first token to the
-  first request that finishes), from `Engine.stats()`.
+  and over the steady decode window (from the moment the first C requests have had one decode
+  step each, i.e. 2 tokens, to the first request that finishes), from `Engine.stats()`.
 
 It writes a JSON file and a PNG next to it (cumulative tokens over time, TTFT/ITL
 distribution, per-stage busy/idle).  Layouts with TP x PP > 1 (or --ray) run on a local Ray
@@ -259,7 +259,7 @@ async def run_load(engine, prompts: list[list[int]], output_len: int, concurrenc
     num_requests = num_requests or concurrency
     params = greedy(output_len)
     sem = asyncio.Semaphore(concurrency)
-    started = [0]        # requests with a first token
+    started = [0]        # requests with a second token
     finished = [0]
     tokens = [0]
     marks: dict[str, tuple[float, list[dict]]] = {}
@@ -267,7 +267,10 @@ async def run_load(engine, prompts: list[list[int]], output_len: int, concurrenc
 
     def on_token(tr: RequestTrace, now: float) -> None:
         tokens[0] += 1
-        if len(tr.token_times) == 1:
+        # The steady window opens once the first wave has had one decode step each (2 tokens):
+        # a stage's first decode step still waits for the later stages' prefill, which is
+        # pipeline fill, not steady-state bubble.
+        if len(tr.token_times) == 2:
             started[0] += 1
             if started[0] == steady_start_after:
                 marks["steady_start"] = (now, _stage_totals(engine))
