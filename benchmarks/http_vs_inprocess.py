@@ -81,7 +81,7 @@ async def run_load(submit, prompts, concurrency: int) -> dict:
 
 class InProcess:
     def __init__(self, args_dict: dict, max_tokens: int):
-        from raypp.model.sampling import SamplingParams
+        from raypp.model.sampling_params import SamplingParams
         from raypp.runtime.engine import Engine
         from raypp.serve import parse_args
         self.engine = Engine.from_config(parse_args(args_dict))

@@ -5,7 +5,7 @@ import asyncio
 
 import torch
 
-from raypp.model.sampling import SamplingParams
+from raypp.model.sampling_params import SamplingParams
 
 
 def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:

@@ -12,7 +12,8 @@ from raypp.model.checkpoint import load_weights
 from raypp.model.config import ModelConfig
 from raypp.parallel.layout import make_layout
 from raypp.parallel.pipeline import build_stage_module
-from raypp.runtime.worker import StageWorker, StepInput
+from raypp.runtime.step import StepInput
+from raypp.runtime.worker import StageWorker
 from tests.reference import random_prompts
 
 

@@ -6,7 +6,7 @@ import pytest
 from raypp.config import DeploymentConfig
 from raypp.errors import UserError
 from raypp.model.config import ModelConfig
-from raypp.model.sampling import SamplingParams
+from raypp.model.sampling_params import SamplingParams
 from raypp.runtime.engine import Engine
 from raypp.runtime.outputs import QueueFullError
 from tests.reference import collect, greedy, random_prompts

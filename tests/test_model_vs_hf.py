@@ -6,7 +6,8 @@ from raypp.config import DeploymentConfig
 from raypp.model.config import ModelConfig
 from raypp.parallel.layout import make_layout
 from raypp.runtime.engine import Engine
-from raypp.runtime.worker import StageWorker, StepInput
+from raypp.runtime.step import StepInput
+from raypp.runtime.worker import StageWorker
 from tests.reference import greedy, hf_greedy, hf_model, random_prompts, run_all, run_each
 
 LENGTHS = [5, 17, 33, 64]

@@ -1,5 +1,5 @@
 """The router's rules, without a model: disjoint micro-batches, even spread, chunking, preemption."""
-from raypp.model.sampling import SamplingParams
+from raypp.model.sampling_params import SamplingParams
 from raypp.runtime.block_manager import BlockManager
 from raypp.runtime.scheduler import Scheduler
 from raypp.runtime.sequence import Sequence, Status

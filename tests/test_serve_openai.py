@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from raypp.config import DeploymentConfig
-from raypp.model.sampling import SamplingParams
+from raypp.model.sampling_params import SamplingParams
 from raypp.runtime.engine import Engine
 from raypp.serve import protocol as P
 from tests.reference import collect

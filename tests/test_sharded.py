@@ -15,7 +15,8 @@ import torch.multiprocessing as mp
 
 from raypp.model.config import ModelConfig
 from raypp.parallel.layout import make_layout
-from raypp.runtime.worker import StageWorker, StepInput
+from raypp.runtime.step import StepInput
+from raypp.runtime.worker import StageWorker
 from tests.reference import greedy, random_prompts
 
 LENGTHS = [7, 20, 3]

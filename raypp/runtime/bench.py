@@ -132,7 +132,7 @@ def make_prompts(vocab_size: int, n: int, length: int, seed: int = PROMPT_SEED) 
 
 
 def greedy(max_tokens: int):
-    from raypp.model.sampling import SamplingParams
+    from raypp.model.sampling_params import SamplingParams
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 

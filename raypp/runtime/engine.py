@@ -23,7 +23,7 @@ from typing import AsyncIterator
 from raypp.config import DeploymentConfig
 from raypp.errors import CheckpointError, UserError
 from raypp.model.config import ModelConfig
-from raypp.model.sampling import SamplingParams
+from raypp.model.sampling_params import SamplingParams
 from raypp.parallel.layout import make_layout
 from raypp.runtime.block_manager import BlockManager
 from raypp.runtime.executors import LocalExecutor, RayExecutor

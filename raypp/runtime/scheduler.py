@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from raypp.runtime.block_manager import BlockManager
 from raypp.runtime.sequence import Sequence, Status
-from raypp.runtime.worker import StepInput
+from raypp.runtime.step import StepInput
 
 
 @dataclass

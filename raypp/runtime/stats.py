@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from raypp.runtime.worker import StepTiming
+from raypp.runtime.step import StepTiming
 
 
 @dataclass
@@ -43,11 +43,11 @@ class PipelineStats:
         for t in timings:
             st = self.stages[t.stage]
             st.steps += 1
-            st.compute_s += t.compute_s
+            st.compute_s += t.prep_s + t.compute_s
             st.comm_s += t.comm_s
             st.idle_s += t.idle_s
-            st.wait_s += t.wait_s
-            busy, idle = t.compute_s + t.comm_s, t.idle_s + t.wait_s
+            st.wait_s += t.wait_s + t.token_wait_s
+            busy, idle = t.busy_s, t.bubble_s
             st.window.append((t.end, busy, idle, busy + idle))
         self._trim(time.time())
 

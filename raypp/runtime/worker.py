@@ -13,7 +13,6 @@ computing, and communicating (TP all-reduces and sends).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -21,42 +20,10 @@ import torch.distributed as dist
 from raypp.model.attention import AttentionMetadata
 from raypp.model.checkpoint import load_weights, resolve_dtype
 from raypp.model.config import ModelConfig
-from raypp.model.sampling import SamplingParams, sample
+from raypp.model.sampling import sample
 from raypp.parallel.layout import Layout
 from raypp.parallel.pipeline import build_stage_module
-
-
-@dataclass
-class StepInput:
-    token_ids: list[int]                 # flat new tokens of every sequence (stage 0 embeds them)
-    query_lens: list[int]
-    seq_lens: list[int]
-    block_tables: list[list[int]]
-    sample_rows: list[int]               # sequences (indices) that get a token this step
-    params: list[SamplingParams] = field(default_factory=list)   # one per sample row
-    seeds: list[int] = field(default_factory=list)
-    output_positions: list[int] = field(default_factory=list)    # index of the token to sample, per row
-    all_logits: bool = False             # tests: logits of every token instead of sampling
-    resumed: bool = False                # first step after the engine had no work: that gap is no bubble
-
-
-@dataclass
-class StepTiming:
-    stage: int
-    start: float          # wall clock (time.time) when the step began
-    end: float
-    idle_s: float         # from the previous step's end to this step's start: nothing to do
-    wait_s: float         # waiting for the previous stage's activations
-    compute_s: float
-    comm_s: float         # TP all-reduces + stage-to-stage sends
-
-
-@dataclass
-class StepOutput:
-    token_ids: list[int] | None
-    logprobs: list[float] | None
-    timing: StepTiming
-    logits: torch.Tensor | None = None
+from raypp.runtime.step import StepInput, StepOutput, StepTiming
 
 
 class _CommClock:
@@ -109,6 +76,7 @@ class StageWorker:
         meta = AttentionMetadata.build(step.query_lens, step.seq_lens, step.block_tables,
                                        self.block_size, all_logits=step.all_logits)
         wait_from = time.perf_counter()
+        prep = wait_from - start
         if self.first:
             x = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)
         else:
@@ -134,6 +102,7 @@ class StageWorker:
         self._last_end = end
         comm = self.comm_clock.total - all_reduce_before + send
         now = time.time()
-        timing = StepTiming(self.stage, start=now - (end - start), end=now, idle_s=idle, wait_s=wait,
-                            compute_s=end - start - wait - comm, comm_s=comm)
+        timing = StepTiming(self.stage, self.tp_rank, start=now - (end - start), end=now, idle_s=idle,
+                            wait_s=wait, token_wait_s=0.0, prep_s=prep,
+                            compute_s=end - start - prep - wait - comm, comm_s=comm)
         return StepOutput(ids, logprobs, timing, logits)

@@ -11,7 +11,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from raypp.model.sampling import SamplingParams
+from raypp.model.sampling_params import SamplingParams
 from raypp.runtime.outputs import RequestOutput
 from raypp.serve.textstream import TextStream
 from raypp.serve.tokenizer import Tokenizer

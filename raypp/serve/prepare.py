@@ -6,7 +6,7 @@ an empty prompt, a prompt + max_tokens over the context (both numbers named).
 """
 from __future__ import annotations
 
-from raypp.model.sampling import SamplingParams
+from raypp.model.sampling_params import SamplingParams
 from raypp.serve.errors import APIError
 from raypp.serve.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
 from raypp.serve.tokenizer import ChatTemplateError, Tokenizer
