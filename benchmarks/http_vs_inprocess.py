@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from raypp.runtime.stats import EngineStats  # noqa: E402
 from tests.serve_helpers import ServeRun, app_args, load_deployment  # noqa: E402
 
 MODES = ("in_process", "http_json", "http_stream")
@@ -48,10 +49,10 @@ def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[in
     return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
 
 
-def engine_delta(before: dict, after: dict) -> dict:
+def engine_delta(before: EngineStats, after: EngineStats) -> dict:
     """What the engine did during a timed run: steps of stage 0, tokens per step."""
-    steps = after["stages"][0]["steps"] - before["stages"][0]["steps"]
-    tokens = after["tokens_generated"] - before["tokens_generated"]
+    steps = after.stages[0].steps - before.stages[0].steps
+    tokens = after.tokens_generated - before.tokens_generated
     return {"steps": steps, "tokens": tokens, "tokens_per_step": tokens / max(1, steps)}
 
 
@@ -126,9 +127,9 @@ class OverHTTP:
                 return usage
 
             await run_load(submit, warmup, concurrency)
-            before = (await client.get("/stats")).json()
+            before = EngineStats.from_json((await client.get("/stats")).json())
             result = await run_load(submit, prompts, concurrency)
-            result["engine"] = engine_delta(before, (await client.get("/stats")).json())
+            result["engine"] = engine_delta(before, EngineStats.from_json((await client.get("/stats")).json()))
             return result
 
 

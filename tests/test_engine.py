@@ -41,15 +41,15 @@ def run_concurrently(engine, prompts):
 def test_concurrent_requests_match_each_alone(tiny_ckpt, prompts, alone):
     engine = make_engine(tiny_ckpt, max_tokens_per_micro_batch=64)
     assert run_concurrently(engine, prompts) == alone
-    assert engine.stats()["kv_blocks_free"] == engine.stats()["kv_blocks_total"]
+    assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
 
 
 def test_small_kv_cache_preempts_and_recomputes_identically(tiny_ckpt, prompts, alone):
     engine = make_engine(tiny_ckpt, num_kv_blocks=12, block_size=8)
     assert run_concurrently(engine, prompts) == alone
     stats = engine.stats()
-    assert stats["preemptions"] > 0
-    assert stats["kv_blocks_free"] == 12
+    assert stats.preemptions > 0
+    assert stats.kv_blocks_free == 12
 
 
 def test_cancel_frees_blocks_and_leaves_others_alone(tiny_ckpt, prompts, alone):
@@ -75,8 +75,8 @@ def test_cancel_frees_blocks_and_leaves_others_alone(tiny_ckpt, prompts, alone):
     got, done = asyncio.run(main())
     assert len(got) == 3
     assert done == alone[:4]
-    assert engine.stats()["kv_blocks_free"] == engine.stats()["kv_blocks_total"]
-    assert engine.stats()["running"] == 0
+    assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
+    assert engine.stats().running == 0
 
 
 async def zip_n(agen, n):
@@ -97,8 +97,8 @@ def test_closing_the_stream_aborts_the_request(tiny_ckpt, prompts):
         await stream.aclose()  # what a disconnected HTTP client does
         await asyncio.sleep(0.2)
     asyncio.run(main())
-    assert engine.stats()["running"] == 0
-    assert engine.stats()["kv_blocks_free"] == engine.stats()["kv_blocks_total"]
+    assert engine.stats().running == 0
+    assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
 
 
 def test_sampling_is_seeded_and_stops(tiny_ckpt, prompts, alone):

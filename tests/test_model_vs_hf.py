@@ -52,7 +52,7 @@ def test_greedy_tokens_match_transformers_alone_and_batched(ckpt, setup):
     try:
         assert run_each(engine, prompts, greedy(NEW_TOKENS)) == expected
         assert run_all(engine, prompts, greedy(NEW_TOKENS)) == expected
-        assert engine.stats()["kv_blocks_free"] == 64
+        assert engine.stats().kv_blocks_free == 64
     finally:
         engine.shutdown()
 

@@ -56,7 +56,7 @@ def test_layouts_on_ray_match_single_process(local_ray, tiny_ckpt, prompts, expe
     try:
         assert run_all(engine, prompts, greedy(6)) == expected
         stats = engine.stats()
-        assert len(stats["stages"]) == pp and all(s["steps"] > 0 for s in stats["stages"])
+        assert len(stats.stages) == pp and all(s.steps > 0 for s in stats.stages)
     finally:
         engine.shutdown()
     assert not live_actors() and not live_groups()
@@ -92,7 +92,7 @@ def bubble_under_load(ckpt, prompts, micro_batches):
     engine = Engine.from_config(config(ckpt, tp=1, pp=2, scheduler={"micro_batches": micro_batches}))
     try:
         run_all(engine, prompts * 2, greedy(16))
-        return [s["bubble_ratio"] for s in engine.stats()["stages"]]
+        return [s.bubble_ratio for s in engine.stats().stages]
     finally:
         engine.shutdown()
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from raypp.errors import UserError
+from raypp.runtime.stats import StageStats
 
 PROMPT_SEED = 1234
 
@@ -170,21 +171,24 @@ async def trace_request(engine, prompt: list[int], params, on_token: Callable | 
     return tr
 
 
-def _stage_totals(engine) -> list[dict]:
-    return [{k: s[k] for k in ("stage", "steps", "busy_s", "compute_s", "comm_s", "idle_s", "wait_prev_stage_s")}
-            for s in engine.stats()["stages"]]
+def _stage_totals(engine) -> list[StageStats]:
+    return engine.stats().stages
 
 
-def stage_delta(before: list[dict], after: list[dict]) -> list[dict]:
-    """Per-stage busy/idle between two snapshots; bubble = idle / (busy + idle)."""
+_DELTA_FIELDS = ("steps", "busy_s", "compute_s", "comm_s", "idle_s", "wait_prev_stage_s", "wait_tokens_s",
+                 "bubble_s")
+
+
+def stage_delta(before: list[StageStats], after: list[StageStats]) -> list[dict]:
+    """Per-stage time between two snapshots, as the results' JSON records; bubble ratio =
+    bubble / (busy + bubble), bubble = scheduler idle + waiting for another stage."""
     out = []
     for b, a in zip(before, after):
-        d = {k: a[k] - b[k] for k in ("steps", "busy_s", "compute_s", "comm_s", "idle_s", "wait_prev_stage_s")}
-        span = d["busy_s"] + d["idle_s"]
-        d["stage"] = a["stage"]
-        d["bubble_ratio"] = d["idle_s"] / span if span > 0 else 0.0
+        d = {"stage": a.stage, **{k: getattr(a, k) - getattr(b, k) for k in _DELTA_FIELDS}}
+        span = d["busy_s"] + d["bubble_s"]
+        d["bubble_ratio"] = d["bubble_s"] / span if span > 0 else 0.0
         d["busy_ms_per_step"] = d["busy_s"] / d["steps"] * 1e3 if d["steps"] else None
-        d["idle_ms_per_step"] = d["idle_s"] / d["steps"] * 1e3 if d["steps"] else None
+        d["bubble_ms_per_step"] = d["bubble_s"] / d["steps"] * 1e3 if d["steps"] else None
         out.append(d)
     return out
 
@@ -306,7 +310,7 @@ async def run_load(engine, prompts: list[list[int]], output_len: int, concurrenc
         window = (marks["steady_start"][0] - t0, marks["steady_end"][0] - t0)
     return LoadResult(concurrency, num_requests, len(prompts[0]), output_len, wall,
                       sum(len(t.ids) for t in traces), list(traces), stage_delta(before, after),
-                      steady, engine.stats()["mean_step_time_s"] * 1e3, window, t0)
+                      steady, engine.stats().mean_step_time_s * 1e3, window, t0)
 
 
 async def generate_timed(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
@@ -467,11 +471,11 @@ def plot_bench(result: dict, load: LoadResult, path: str | os.PathLike) -> str |
     stages = load.stages_steady or load.stages_run
     idx = [s["stage"] for s in stages]
     busy = [s["busy_s"] for s in stages]
-    idle = [s["idle_s"] for s in stages]
+    bubble = [s["bubble_s"] for s in stages]
     ax[2].bar(idx, busy, label="busy (compute + comm)")
-    ax[2].bar(idx, idle, bottom=busy, label="idle (bubble)")
+    ax[2].bar(idx, bubble, bottom=busy, label="bubble (idle + waiting)")
     for i, s in zip(idx, stages):
-        ax[2].text(i, s["busy_s"] + s["idle_s"], f"{s['bubble_ratio']:.1%}", ha="center", va="bottom")
+        ax[2].text(i, s["busy_s"] + s["bubble_s"], f"{s['bubble_ratio']:.1%}", ha="center", va="bottom")
     ax[2].set(xticks=idx, xlabel="pipeline stage", ylabel="s",
               title="stage time, " + ("steady decode window" if load.stages_steady else "whole run"))
     ax[2].legend(loc="lower right")

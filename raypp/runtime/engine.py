@@ -31,7 +31,8 @@ from raypp.runtime.kv_budget import kv_block_count
 from raypp.runtime.outputs import QueueFullError, RequestOutput
 from raypp.runtime.scheduler import MicroBatch, Scheduler
 from raypp.runtime.sequence import Sequence, Status
-from raypp.runtime.stats import PipelineStats
+from raypp.runtime.request_stats import RequestTracker
+from raypp.runtime.stats import EngineStats, PipelineStats
 
 
 class EngineDeadError(RuntimeError):
@@ -77,7 +78,8 @@ class Engine:
         self.blocks = BlockManager(num_blocks, sched.block_size)
         self.scheduler = Scheduler(self.blocks, sched.max_num_seqs, sched.max_tokens_per_micro_batch,
                                    config.micro_batches)
-        self.pipeline_stats = PipelineStats(num_stages)
+        self.requests = RequestTracker()
+        self.pipeline_stats = PipelineStats(num_stages, on_step=self.requests.on_step)
         self._seqs: dict[str, Sequence] = {}
         self._queues: dict[str, asyncio.Queue] = {}
         self._wake: asyncio.Event | None = None
@@ -130,6 +132,7 @@ class Engine:
         queue: asyncio.Queue = asyncio.Queue()
         self._seqs[rid], self._queues[rid] = seq, queue
         self.scheduler.add(seq)
+        clock = self.requests.start(seq)
         self._ensure_loop()
         finished = False
         try:
@@ -138,8 +141,10 @@ class Engine:
                 if isinstance(out, BaseException):
                     raise out
                 finished = out.finished
+                clock.output(out)
                 yield out
         finally:
+            clock.close()
             if not finished:  # the caller went away (client disconnect, cancellation)
                 self.abort(rid)
             self._seqs.pop(rid, None)
@@ -224,19 +229,20 @@ class Engine:
             self._fail_all(e)
             raise EngineDeadError(f"a worker is unreachable: {e!r}") from e
 
-    def stats(self) -> dict:
-        return {
-            "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting),
-            "micro_batches_in_flight": self._in_flight,
-            "micro_batches": self.config.micro_batches,
-            "kv_blocks_total": self.blocks.num_blocks,
-            "kv_blocks_free": self.blocks.num_free,
-            "preemptions": self.scheduler.num_preemptions,
-            "tokens_generated": self.tokens_generated,
-            "mean_step_time_s": self.pipeline_stats.mean_step_time_s(),
-            "stages": self.pipeline_stats.snapshot(),
-        }
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            micro_batches_in_flight=self._in_flight,
+            micro_batches=self.config.micro_batches,
+            kv_blocks_total=self.blocks.num_blocks,
+            kv_blocks_free=self.blocks.num_free,
+            preemptions=self.scheduler.num_preemptions,
+            tokens_generated=self.tokens_generated,
+            mean_step_time_s=self.pipeline_stats.mean_step_time_s(),
+            requests=self.requests.totals(),
+            stages=self.pipeline_stats.snapshot(),
+        )
 
     def shutdown(self) -> None:
         if self._loop_task is not None:

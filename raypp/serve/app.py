@@ -8,9 +8,11 @@ replica of it owns one engine: one TP x PP pipeline with its placement groups.  
 and Serve's router spreads requests over them.
 """
 
+import asyncio
 import importlib.metadata
 import logging
 import os
+from dataclasses import asdict
 
 from fastapi import FastAPI
 from pydantic import ValidationError
@@ -39,6 +41,7 @@ class LLMServer:
     def __init__(self, cfg: dict):
         from raypp.runtime.engine import Engine
         from raypp.serve.completions import OpenAIServing
+        from raypp.serve.metrics_publisher import MetricsPublisher
         from raypp.serve.tokenizer import Tokenizer
 
         cfg = DeploymentConfig.model_validate(cfg)
@@ -52,6 +55,10 @@ class LLMServer:
                                      self.engine.model_config.vocab_size)
         logger.info("raypp: serving %s (tp=%d, pp=%d, max_model_len=%d)", self.serving.served_name,
                     cfg.parallel.tp, cfg.parallel.pp, self.engine.max_model_len)
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.metrics = MetricsPublisher(self.engine, self.serving.served_name, replica)
+        # Serve builds the replica on its event loop: the publisher shares it with the engine.
+        self._metrics_task = asyncio.get_running_loop().create_task(self.metrics.run())
 
     @api.get("/v1/models", response_model=P.ModelList, responses=openapi.error_responses(401))
     async def models(self):
@@ -81,8 +88,9 @@ class LLMServer:
 
     @api.get("/stats")
     async def stats(self) -> dict:
-        """The engine's counters for this replica: running, waiting, KV blocks, bubble stats."""
-        return self.engine.stats()
+        """The engine's counters for this replica (`EngineStats`): running, waiting, KV blocks,
+        per-stage busy / idle / waiting time and bubble ratio."""
+        return asdict(self.engine.stats())
 
     async def check_health(self):
         # Serve calls this every few seconds; a dead worker makes it raise and Serve replaces the
@@ -91,6 +99,9 @@ class LLMServer:
 
     def __del__(self):
         # Serve calls this on graceful shutdown: give the workers and placement groups back now.
+        task = getattr(self, "_metrics_task", None)
+        if task is not None:
+            task.cancel()
         engine = getattr(self, "engine", None)
         if engine is not None:
             try:
