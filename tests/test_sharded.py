@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from raypp.model.config import ModelConfig
 from raypp.parallel.layout import make_layout
-from raypp.runtime.step import StepInput
+from raypp.runtime.step import PLACEHOLDER, Placeholder, StepInput
 from raypp.runtime.worker import StageWorker
 from tests.reference import greedy, random_prompts
 
@@ -47,11 +47,16 @@ def generate_on_layout(rank, world, port, path, tp, pp, stage_layers, prompts, r
     box = [last]
     dist.broadcast_object_list(box, src=sampler)
     generated = [[t] for t in box[0]]
-    for _ in range(NEW_TOKENS - 1):
+    n = len(prompts)
+    for step_id in range(1, NEW_TOKENS):
         seq_lens = [len(p) + len(g) for p, g in zip(prompts, generated)]
-        step = StepInput([g[-1] for g in generated], [1] * len(prompts), seq_lens, tables,
-                         sample_rows=list(range(len(prompts))), params=[greedy(NEW_TOKENS)] * len(prompts),
-                         seeds=[0] * len(prompts), output_positions=[len(g) for g in generated])
+        # From the second decode step on, stage 0 takes its input ids from the last stage directly.
+        placeholders = [Placeholder(i, step_id - 1, i) for i in range(n)] if step_id > 1 else []
+        ids = [PLACEHOLDER] * n if placeholders else [g[-1] for g in generated]
+        step = StepInput(ids, [1] * n, seq_lens, tables, sample_rows=list(range(n)),
+                         params=[greedy(NEW_TOKENS)] * n, seeds=[0] * n,
+                         output_positions=[len(g) for g in generated], step_id=step_id,
+                         placeholders=placeholders, returned_upto=step_id - 2)
         box = [worker.execute(step).token_ids]
         dist.broadcast_object_list(box, src=sampler)
         for g, t in zip(generated, box[0]):

@@ -17,6 +17,7 @@ import random
 import shutil
 import time
 import uuid
+from collections import deque
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -26,11 +27,12 @@ from raypp.model.config import ModelConfig
 from raypp.model.sampling_params import SamplingParams
 from raypp.parallel.layout import make_layout
 from raypp.runtime.block_manager import BlockManager
+from raypp.runtime.driver_clock import DriverClock
 from raypp.runtime.executors import LocalExecutor, RayExecutor
 from raypp.runtime.kv_budget import kv_block_count
 from raypp.runtime.outputs import QueueFullError, RequestOutput
-from raypp.runtime.scheduler import MicroBatch, Scheduler
-from raypp.runtime.sequence import Sequence, Status
+from raypp.runtime.scheduler import MicroBatch, Scheduler, StepCost
+from raypp.runtime.sequence import MAX_STEPS_IN_FLIGHT, Sequence, Status
 from raypp.runtime.request_stats import RequestTracker
 from raypp.runtime.stats import EngineStats, PipelineStats
 
@@ -77,7 +79,10 @@ class Engine:
         sched = config.scheduler
         self.blocks = BlockManager(num_blocks, sched.block_size)
         self.scheduler = Scheduler(self.blocks, sched.max_num_seqs, sched.max_tokens_per_micro_batch,
-                                   config.micro_batches)
+                                   config.micro_batches, num_stages, StepCost.for_model(model_config))
+        # Each micro-batch's sequences may have their next step queued behind the one computing.
+        self.max_steps_in_flight = MAX_STEPS_IN_FLIGHT * config.micro_batches
+        self.driver = DriverClock()
         self.requests = RequestTracker()
         self.pipeline_stats = PipelineStats(num_stages, on_step=self.requests.on_step)
         self._seqs: dict[str, Sequence] = {}
@@ -173,15 +178,18 @@ class Engine:
         self._wake.set()
 
     async def _run(self) -> None:
-        in_flight: dict[asyncio.Future, tuple[MicroBatch, float]] = {}
+        # Steps come back in the order they were sent (every stage runs them in that order), and
+        # are applied in that order: a sequence's tokens arrive in sequence.
+        in_flight: deque[tuple[MicroBatch, asyncio.Future, float]] = deque()
         quiet = True
         try:
             while True:
-                while len(in_flight) < self.config.micro_batches and (mb := self.scheduler.schedule()):
-                    mb.step.resumed = quiet
-                    quiet = False
-                    fut = asyncio.ensure_future(self.executor.execute(mb.step))
-                    in_flight[fut] = (mb, time.perf_counter())
+                with self.driver.timed():
+                    while len(in_flight) < self.max_steps_in_flight and (mb := self.scheduler.schedule()):
+                        mb.step.resumed = quiet
+                        quiet = False
+                        in_flight.append((mb, asyncio.ensure_future(self.executor.execute(mb.step)),
+                                          time.perf_counter()))
                 self._in_flight = len(in_flight)
                 if not in_flight:
                     quiet = True
@@ -189,12 +197,15 @@ class Engine:
                     await self._wake.wait()
                     continue
                 self._wake.clear()
-                waker = asyncio.ensure_future(self._wake.wait())
-                done, _ = await asyncio.wait([*in_flight, waker], return_when=asyncio.FIRST_COMPLETED)
-                waker.cancel()
-                for fut in done:
-                    if fut is not waker:
-                        self._complete(*in_flight.pop(fut), fut.result())
+                head = in_flight[0][1]
+                if not head.done():
+                    waker = asyncio.ensure_future(self._wake.wait())
+                    await asyncio.wait([head, waker], return_when=asyncio.FIRST_COMPLETED)
+                    waker.cancel()
+                with self.driver.timed():
+                    while in_flight and in_flight[0][1].done():
+                        mb, fut, started = in_flight.popleft()
+                        self._complete(mb, started, fut.result())
         except Exception as e:  # a worker died or a step failed: fail loudly, never hang
             self._fail_all(e)
 
@@ -205,6 +216,7 @@ class Engine:
         for o in outputs:  # TP rank 0 (the first reported) speaks for its stage
             stage_timings.setdefault(o.timing.stage, o.timing)
         self.pipeline_stats.record(list(stage_timings.values()), time.perf_counter() - started)
+        self.driver.returned(max(t.end for t in stage_timings.values()))
         updated = self.scheduler.complete(mb, ids, logprobs)
         for seq in updated:
             self.tokens_generated += 1

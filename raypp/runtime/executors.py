@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import ray
@@ -28,16 +29,18 @@ class LocalExecutor:
     def __init__(self, model_path: str, config: DeploymentConfig, layout: Layout, num_blocks: int):
         self.worker = StageWorker(model_path, config.model.dtype, layout, 0, 0, num_blocks,
                                   config.scheduler.block_size, config.parallel.device, progress=True)
+        # One thread keeps the event loop (HTTP streams, new requests) responsive during a step
+        # and runs the steps in flight one after another, in submission order.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raypp-step")
 
     async def execute(self, step: StepInput) -> list[StepOutput]:
-        # A thread keeps the event loop (HTTP streams, new requests) responsive during the step.
-        return [await asyncio.to_thread(self.worker.execute, step)]
+        return [await asyncio.get_running_loop().run_in_executor(self._thread, self.worker.execute, step)]
 
     async def check_health(self) -> None:
         pass
 
     def shutdown(self) -> None:
-        pass
+        self._thread.shutdown(wait=False, cancel_futures=True)
 
 
 class StageActor:

@@ -1,24 +1,62 @@
-"""The router: continuous batching into disjoint micro-batches that keep every stage busy.
+"""The router: continuous batching into micro-batches that keep every stage busy.
 
-Requests join and leave at step boundaries.  Up to `micro_batches` micro-batches
-are in flight at once; a sequence belongs to at most one of them, so while
-micro-batch k runs on stage 1, k+1 (other sequences) runs on stage 0.  Running
-sequences are spread evenly over the micro-batch slots (an uneven split would
-leave the short micro-batch's stages idle), and a prefill is chunked under the
-per-micro-batch token budget so that stage times stay even.
+Requests join and leave at step boundaries.  Each step is one micro-batch; the
+engine keeps several in flight so that while micro-batch k runs on stage 1,
+k+1 (other sequences) runs on stage 0.  The rules, each stated once:
 
-When the KV cache runs out, the most recently admitted sequence that is not in
-flight is preempted: its blocks are freed and it goes back to the front of the
-queue, to be recomputed (prompt + tokens so far) later.  Nothing is dropped.
+- Even cost.  A step costs what its tokens and their attention context cost
+  (`StepCost`); every micro-batch aims at 1/m of the work pending over all
+  sequences (m = `micro_batches`), under the per-micro-batch token budget, so
+  no micro-batch leaves the others' stages waiting.  A long prefill is chunked
+  and its chunks ride along with decode tokens (stall-free batching).
+- Placeholders.  A running sequence's next step may be scheduled before its
+  previous token reached the driver (runtime/sequence.py, runtime/step.py):
+  stage 0 gets that token from the last stage directly.  Such a *lookahead* is
+  taken once at least `pp` steps were scheduled after the step that samples the
+  token, so the token has left the last stage by the time stage 0 needs it; if
+  nothing else can run, it is taken at once (stage 0 then waits for the token,
+  which still beats waiting for the driver).
+- Order of preference: sequences with nothing in flight, ready lookaheads (oldest
+  first), new requests, then early lookaheads.
+- Preemption.  When the KV cache runs out, the most recently admitted sequence
+  with nothing in flight is preempted: its blocks are freed and it goes back to
+  the front of the queue, to be recomputed (prompt + tokens so far) later.
+  Nothing is dropped.  A lookahead never preempts anyone.
+- Finishing.  A sequence may finish (EOS, stop id) while its lookahead step is
+  in flight: that step's token is dropped, never emitted, and the blocks are
+  freed when the last step in flight returns.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
 
+from raypp.model.config import ModelConfig
 from raypp.runtime.block_manager import BlockManager
 from raypp.runtime.sequence import Sequence, Status
-from raypp.runtime.step import StepInput
+from raypp.runtime.step import PLACEHOLDER, Placeholder, StepInput
+
+
+# A prefill is cut to balance micro-batches only into pieces of at least this many tokens:
+# smaller pieces cost more in per-step overhead than they gain in balance.
+MIN_PREFILL_CHUNK = 32
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Relative cost of running tokens: one per token, plus `context_weight` per token of attention
+    context each of them reads.  For a layer, a token's matmuls cost 2 x (its weights) FLOPs and its
+    attention 4 x hidden FLOPs per context token: context_weight = 2 x hidden / weights per layer."""
+    context_weight: float = 0.0
+
+    def of(self, chunk: int, seq_len: int) -> float:
+        return chunk * (1.0 + self.context_weight * seq_len)
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig) -> "StepCost":
+        h, d = cfg.hidden_size, cfg.head_dim
+        per_layer = h * d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * h * cfg.intermediate_size
+        return cls(context_weight=2 * h / per_layer)
 
 
 @dataclass
@@ -33,12 +71,16 @@ class MicroBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, token_budget: int, micro_batches: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, token_budget: int, micro_batches: int,
+                 num_stages: int = 1, cost: StepCost = StepCost()):
         self.blocks = blocks
         self.max_num_seqs, self.token_budget, self.micro_batches = max_num_seqs, token_budget, micro_batches
+        self.num_stages, self.cost = num_stages, cost
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []    # in admission order
         self.num_preemptions = 0
+        self.next_step_id = 0
+        self.returned_upto = -1              # every step <= this one has come back
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -56,15 +98,15 @@ class Scheduler:
         seq.status = Status.FINISHED
         if seq in self.running:
             self.running.remove(seq)
-        # A sequence in flight keeps its blocks until its micro-batch returns:
-        # a stage may still be writing its K/V.
+        # A sequence in flight keeps its blocks until its last step returns: a stage may still be
+        # writing its K/V.
         if not seq.in_flight:
             self.blocks.free(seq.request_id)
 
-    def _preempt_for(self, seq: Sequence) -> bool:
-        """Free a later-admitted, idle sequence's blocks; False if there is none."""
+    def _preempt_for(self, keep: list[Sequence]) -> bool:
+        """Free the blocks of the latest-admitted idle sequence not in `keep`; False if there is none."""
         for victim in reversed(self.running):
-            if victim is not seq and not victim.in_flight:
+            if victim not in keep and not victim.in_flight:
                 self.running.remove(victim)
                 self.blocks.free(victim.request_id)
                 victim.num_computed = 0
@@ -75,75 +117,115 @@ class Scheduler:
                 return True
         return False
 
-    def _reserve(self, seq: Sequence, chunk: int) -> bool:
-        while not self.blocks.allocate(seq.request_id, seq.num_computed + chunk):
-            if not self._preempt_for(seq):
+    def _reserve(self, seq: Sequence, chunk: int, batch: list[Sequence]) -> bool:
+        tokens = seq.num_computed + seq.num_running + chunk
+        while not self.blocks.allocate(seq.request_id, tokens):
+            if seq.in_flight or not self._preempt_for([seq, *batch]):
                 return False
         return True
 
+    def _pending_cost(self) -> float:
+        seqs = [s for s in self.running if s.status is Status.RUNNING] + list(self.waiting)
+        return sum(self.cost.of(s.num_pending, s.num_tokens) for s in seqs)
+
     def schedule(self) -> MicroBatch | None:
-        """The next micro-batch from sequences not in flight, or None if there is nothing to run."""
+        """The next micro-batch, or None if nothing can run now."""
+        step_id = self.next_step_id
         budget = self.token_budget
-        share = -(-(len(self.running) + len(self.waiting)) // self.micro_batches)  # even spread
-        seqs, chunks = [], []
-        for seq in list(self.running):
-            if len(seqs) >= share or budget == 0:
-                break
-            if seq.in_flight or seq.status is not Status.RUNNING:
-                continue
+        target = self._pending_cost() / self.micro_batches
+        seqs: list[Sequence] = []
+        chunks: list[int] = []
+        cost = 0.0
+
+        def full() -> bool:
+            return budget == 0 or (bool(seqs) and cost >= target)
+
+        def take(seq: Sequence) -> None:
+            nonlocal budget, cost
             chunk = min(seq.num_pending, budget)
-            if self._reserve(seq, chunk):
-                seq.in_flight = True  # from here on it is no candidate for preemption
-                seqs.append(seq)
-                chunks.append(chunk)
-                budget -= chunk
-        while self.waiting and budget > 0 and len(seqs) < share and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            chunk = min(seq.num_pending, budget)
-            if not self.blocks.allocate(seq.request_id, seq.num_computed + chunk):
-                break  # admitting would need preempting someone already running: wait instead
-            self.waiting.popleft()
-            seq.status = Status.RUNNING
-            seq.in_flight = True
-            self.running.append(seq)
+            if seqs and chunk > 2 * MIN_PREFILL_CHUNK:   # a long prefill: fill up to the target cost
+                fill = int((target - cost) / self.cost.of(1, seq.num_tokens))
+                chunk = min(chunk, max(fill, MIN_PREFILL_CHUNK))
+            if seq.status is not Status.RUNNING or not self._reserve(seq, chunk, seqs):
+                return  # preempted by an earlier pick of this batch, or no blocks
             seqs.append(seq)
             chunks.append(chunk)
             budget -= chunk
+            cost += self.cost.of(chunk, seq.num_computed + seq.num_running + chunk)
+
+        ready = [s for s in self.running if s.schedulable]
+        idle = [s for s in ready if not s.in_flight]
+        ahead = sorted((s for s in ready if s.in_flight), key=lambda s: s.last_sampler or (step_id, 0))
+        on_time = [s for s in ahead if s.last_sampler is None or step_id - s.last_sampler[0] >= self.num_stages]
+        for seq in idle + on_time:
+            if full():
+                break
+            take(seq)
+        while self.waiting and not full() and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.blocks.allocate(seq.request_id, seq.num_computed + min(seq.num_pending, budget)):
+                break  # admitting would need preempting someone already running: wait instead
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            take(seq)
+        if not seqs:
+            for seq in ahead:
+                if full():
+                    break
+                if seq not in on_time:
+                    take(seq)
         if not seqs:
             return None
-        return MicroBatch(seqs, chunks, self._step_input(seqs, chunks))
+        self.next_step_id += 1
+        return MicroBatch(seqs, chunks, self._step_input(step_id, seqs, chunks))
 
-    def _step_input(self, seqs: list[Sequence], chunks: list[int]) -> StepInput:
-        token_ids, sample_rows = [], []
+    def _step_input(self, step_id: int, seqs: list[Sequence], chunks: list[int]) -> StepInput:
+        """Builds the step and marks its sequences as in flight with it."""
+        token_ids, sample_rows, placeholders, seq_lens = [], [], [], []
+        params, seeds, output_positions = [], [], []
         for i, (seq, chunk) in enumerate(zip(seqs, chunks)):
-            token_ids.extend(seq.all_ids[seq.num_computed: seq.num_computed + chunk])
-            if seq.num_computed + chunk == seq.num_tokens:
+            start = seq.num_computed + seq.num_running
+            known = seq.all_ids
+            token_ids.extend(known[start: start + chunk])
+            if start + chunk > len(known):   # the newest token is still on its way from the last stage
+                placeholders.append(Placeholder(len(token_ids), *seq.last_sampler))
+                token_ids.append(PLACEHOLDER)
+            seq_lens.append(start + chunk)
+            seq.num_running += chunk
+            seq.steps_in_flight += 1
+            if start + chunk == seq.num_tokens:
+                params.append(seq.params)
+                seeds.append(seq.seed)
+                output_positions.append(len(seq.output_ids) + seq.unseen)
+                seq.last_sampler = (step_id, len(sample_rows))
+                seq.unseen += 1
                 sample_rows.append(i)
-        sampled = [seqs[i] for i in sample_rows]
         return StepInput(
-            token_ids=token_ids,
-            query_lens=chunks,
-            seq_lens=[s.num_computed + c for s, c in zip(seqs, chunks)],
+            token_ids=token_ids, query_lens=list(chunks), seq_lens=seq_lens,
             block_tables=[self.blocks.tables[s.request_id] for s in seqs],
-            sample_rows=sample_rows,
-            params=[s.params for s in sampled],
-            seeds=[s.seed for s in sampled],
-            output_positions=[len(s.output_ids) for s in sampled],
-        )
+            sample_rows=sample_rows, params=params, seeds=seeds, output_positions=output_positions,
+            step_id=step_id, placeholders=placeholders, returned_upto=self.returned_upto)
 
     def complete(self, mb: MicroBatch, token_ids: list[int], logprobs: list[float] | None) -> list[Sequence]:
-        """Apply a returned micro-batch; returns the sequences that got a new token."""
+        """Apply a returned micro-batch (steps return in order); returns the sequences that got a token."""
+        self.returned_upto = mb.step.step_id
         for seq, chunk in zip(mb.seqs, mb.chunks):
-            seq.in_flight = False
+            seq.steps_in_flight -= 1
+            seq.num_running -= chunk
             seq.num_computed += chunk
-            if seq.status is Status.FINISHED:  # aborted while in flight: release now
-                self.blocks.free(seq.request_id)
         updated = []
         for j, seq in enumerate(mb.sampled):
+            seq.unseen -= 1
+            if seq.last_sampler is not None and seq.last_sampler[0] == mb.step.step_id:
+                seq.last_sampler = None
             if seq.status is not Status.RUNNING:
-                continue
+                continue   # finished while this step was in flight: its token is dropped
             seq.append(token_ids[j], logprobs[j] if logprobs else None)
             updated.append(seq)
             if seq.finish_reason:
                 self._finish(seq, seq.finish_reason)
+        for seq in mb.seqs:
+            if seq.status is Status.FINISHED and not seq.in_flight:
+                self.blocks.free(seq.request_id)
         return updated

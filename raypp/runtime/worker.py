@@ -17,13 +17,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from raypp.model.attention import AttentionMetadata
+from raypp.model.attention import AttentionMetadata, to_device
 from raypp.model.checkpoint import load_weights, resolve_dtype
 from raypp.model.config import ModelConfig
 from raypp.model.sampling import sample
 from raypp.parallel.layout import Layout
 from raypp.parallel.pipeline import build_stage_module
 from raypp.runtime.step import StepInput, StepOutput, StepTiming
+from raypp.runtime.token_return import TokenReturn, token_return_ranks
 
 
 class _CommClock:
@@ -55,6 +56,9 @@ class StageWorker:
         self.block_size = block_size
         self.distributed = layout.world_size > 1
         tp_group = self._make_tp_group() if self.distributed else None
+        # Every rank creates every group, in the same order: the TP groups, then this one.
+        token_group = dist.new_group(token_return_ranks(layout)) if self.distributed else None
+        self.tokens = TokenReturn(layout, stage, tp_rank, token_group)
         self.dtype = resolve_dtype(dtype, self.cfg, device)
         self.model = build_stage_module(self.cfg, layout, stage, tp_rank, tp_group)
         self.bytes_loaded = load_weights(self.model, model_path, self.dtype, device, progress=progress)
@@ -69,16 +73,31 @@ class StageWorker:
                   for s in range(self.layout.pp)]
         return groups[self.stage]
 
+    def _input_ids(self, step: StepInput) -> list[int]:
+        """Stage 0: the step's token ids, placeholders filled with ids from the last stage."""
+        ids = step.token_ids
+        if step.placeholders:
+            ids = list(ids)
+            for p in step.placeholders:
+                ids[p.pos] = self.tokens.take(p.step_id, p.row)
+        self.tokens.forget_upto(step.returned_upto)
+        if step.sample_rows and not step.all_logits:
+            self.tokens.expect(step.step_id, len(step.sample_rows))
+        return ids
+
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
         start = time.perf_counter()
         idle = 0.0 if step.resumed or self._last_end is None else start - self._last_end
         meta = AttentionMetadata.build(step.query_lens, step.seq_lens, step.block_tables,
                                        self.block_size, all_logits=step.all_logits)
+        token_wait = 0.0
         wait_from = time.perf_counter()
         prep = wait_from - start
         if self.first:
-            x = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)
+            x = to_device(torch.tensor(self._input_ids(step), dtype=torch.long), self.device)
+            token_wait = time.perf_counter() - wait_from
+            wait_from = time.perf_counter()
         else:
             x = torch.empty(meta.num_tokens, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
             dist.recv(x, src=self.layout.rank(self.stage - 1, self.tp_rank))
@@ -98,11 +117,13 @@ class StageWorker:
         elif self.tp_rank == 0:
             rows = out if len(step.sample_rows) == out.shape[0] else out[step.sample_rows]
             ids, logprobs = sample(rows, step.params, step.seeds, step.output_positions)
+            if ids:
+                self.tokens.publish(step.step_id, ids)
         end = time.perf_counter()
         self._last_end = end
         comm = self.comm_clock.total - all_reduce_before + send
         now = time.time()
         timing = StepTiming(self.stage, self.tp_rank, start=now - (end - start), end=now, idle_s=idle,
-                            wait_s=wait, token_wait_s=0.0, prep_s=prep,
-                            compute_s=end - start - prep - wait - comm, comm_s=comm)
+                            wait_s=wait, token_wait_s=token_wait, prep_s=prep,
+                            compute_s=end - start - prep - token_wait - wait - comm, comm_s=comm)
         return StepOutput(ids, logprobs, timing, logits)
