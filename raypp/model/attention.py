@@ -6,17 +6,28 @@ where each new token's K/V is written (slot = block * block_size + offset).
 The cache is stored flat, [num_blocks * block_size, kv_heads, head_dim], so a
 write is one indexed assignment and a read is one gather.
 
-All index tensors are built once per step (`AttentionMetadata.build`) and shared
-by every layer.  Decode tokens (one query each) run as one padded, masked batch;
-prefill chunks run one sequence at a time with a causal mask that accounts for
-the context already in the cache (chunked prefill).
+All index tensors are built once per step (`AttentionMetadata.build`, on the host),
+moved to the model's device once (`to`, pinned and non-blocking) and shared by every
+layer.  Decode tokens (one query each) run as one batch through `ops.decode_attention`,
+which reads K/V through the block tables (a Triton or FlashInfer kernel on CUDA, a
+padded, masked gather on the CPU); prefill chunks run one sequence at a time with a
+causal mask that accounts for the context already in the cache (chunked prefill).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
+
+from raypp.model import ops
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host tensor -> device without blocking the host: pinned staging, async copy."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -32,9 +43,13 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor     # [T] where each token's K/V goes
     logits_rows: torch.Tensor      # rows whose logits the last stage computes
     decode_rows: torch.Tensor      # [B] rows that are single-token decodes
-    decode_slots: torch.Tensor     # [B, L] cache slots of each decode's context (padded)
-    decode_mask: torch.Tensor      # [B, 1, 1, L] True where a slot is part of the context
+    decode_tables: torch.Tensor    # [B, max blocks] int32 block table of each decode, padded with block 0
+    decode_lens: torch.Tensor      # [B] int32 context length of each decode, the new token included
+    decode_max_len: int            # the longest of decode_lens, known on the host
+    decode_pages: tuple            # FlashInfer's CSR page lists (indptr, indices, last page length), int32
     prefills: list[Prefill]
+    block_size: int
+    plans: dict = field(default_factory=dict)  # per-step kernel plans (FlashInfer), shared by all layers
 
     @property
     def num_tokens(self) -> int:
@@ -45,7 +60,7 @@ class AttentionMetadata:
               block_size: int, all_logits: bool = False) -> "AttentionMetadata":
         """query_lens[i] new tokens of sequence i, whose context becomes seq_lens[i] long."""
         positions, slot_mapping, logits_rows, prefills = [], [], [], []
-        decode_rows, decode_ctx = [], []
+        decode_rows, decode_blocks, decode_lens = [], [], []
         row = 0
         for q, n, table in zip(query_lens, seq_lens, block_tables):
             blocks = torch.tensor(table[: (n + block_size - 1) // block_size], dtype=torch.long)
@@ -56,20 +71,34 @@ class AttentionMetadata:
             logits_rows.extend(range(row, row + q) if all_logits else [row + q - 1])
             if q == 1:
                 decode_rows.append(row)
-                decode_ctx.append(ctx_slots)
+                decode_blocks.append(blocks)
+                decode_lens.append(n)
             else:
                 mask = None if q == n else torch.arange(n)[None, :] <= pos[:, None]
                 prefills.append(Prefill(slice(row, row + q), ctx_slots, mask))
             row += q
-        longest = max((s.numel() for s in decode_ctx), default=0)
-        decode_slots = torch.zeros(len(decode_ctx), longest, dtype=torch.long)
-        decode_mask = torch.zeros(len(decode_ctx), 1, 1, longest, dtype=torch.bool)
-        for i, s in enumerate(decode_ctx):
-            decode_slots[i, : s.numel()] = s
-            decode_mask[i, ..., : s.numel()] = True
+        widest = max((b.numel() for b in decode_blocks), default=0)
+        tables = torch.zeros(len(decode_blocks), widest, dtype=torch.int32)
+        for i, b in enumerate(decode_blocks):
+            tables[i, : b.numel()] = b
+        lens = torch.tensor(decode_lens, dtype=torch.int32)
+        pages = torch.tensor([b.numel() for b in decode_blocks], dtype=torch.int32)
+        indptr = torch.cat((torch.zeros(1, dtype=torch.int32), pages.cumsum(0, dtype=torch.int32)))
+        indices = torch.cat(decode_blocks).int() if decode_blocks else torch.zeros(0, dtype=torch.int32)
         cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)  # noqa: E731
         return cls(cat(positions), cat(slot_mapping), torch.tensor(logits_rows, dtype=torch.long),
-                   torch.tensor(decode_rows, dtype=torch.long), decode_slots, decode_mask, prefills)
+                   torch.tensor(decode_rows, dtype=torch.long), tables, lens, max(decode_lens, default=0),
+                   (indptr, indices, lens - (pages - 1) * block_size), prefills, block_size)
+
+    def to(self, device: torch.device | str) -> "AttentionMetadata":
+        """The same metadata with every tensor on `device` (itself when already there)."""
+        if self.positions.device.type == torch.device(device).type:
+            return self
+        move = lambda t: to_device(t, device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        moved = {f.name: move(getattr(self, f.name)) for f in fields(self) if f.name not in ("prefills", "plans")}
+        moved["decode_pages"] = tuple(move(t) for t in self.decode_pages)
+        prefills = [Prefill(p.rows, move(p.slots), None if p.mask is None else move(p.mask)) for p in self.prefills]
+        return replace(self, **moved, prefills=prefills, plans={})
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
@@ -78,15 +107,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     k_cache, v_cache = cache[0], cache[1]  # views; indexing `cache[0, slots]` would copy the whole pool
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
+    if meta.decode_rows.numel() == q.shape[0]:  # a pure decode step: no gather, no scatter
+        return ops.decode_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     if meta.decode_rows.numel():
-        b, length = meta.decode_slots.shape
-        slots = meta.decode_slots.flatten()
-        qd = q[meta.decode_rows].unsqueeze(2)                                           # [B, Hq, 1, D]
-        kd = k_cache.index_select(0, slots).view(b, length, *k.shape[1:]).transpose(1, 2)  # [B, Hkv, L, D]
-        vd = v_cache.index_select(0, slots).view(b, length, *v.shape[1:]).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
-        out[meta.decode_rows] = o.squeeze(2)
+        out[meta.decode_rows] = ops.decode_attention(q[meta.decode_rows], k_cache, v_cache, meta, scale)
     for p in meta.prefills:
         qp = q[p.rows].transpose(0, 1)                                # [Hq, q, D]
         kp = k_cache.index_select(0, p.slots).transpose(0, 1)         # [Hkv, n, D]

@@ -12,12 +12,12 @@ Face's, which makes checkpoint names a fixed prefix away from ours.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from raypp.model import ops
 from raypp.model.attention import AttentionMetadata, paged_attention
 from raypp.model.config import ModelConfig
-from raypp.model.rope import apply_rope, inv_frequencies, rope_cos_sin
+from raypp.model.rope import inv_frequencies, rope_cos_sin
 
 
 class RMSNorm(nn.Module):
@@ -27,9 +27,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor):
+        """(norm(residual + x), residual + x) in one pass on CUDA."""
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -50,8 +52,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, meta: AttentionMetadata):
         t, hd = x.shape[0], self.head_dim
-        q = apply_rope(self.q_proj(x).view(t, -1, hd), cos, sin)
-        k = apply_rope(self.k_proj(x).view(t, -1, hd), cos, sin)
+        q = ops.apply_rope(self.q_proj(x).view(t, -1, hd), cos, sin)
+        k = ops.apply_rope(self.k_proj(x).view(t, -1, hd), cos, sin)
         v = self.v_proj(x).view(t, -1, hd)
         out = paged_attention(q, k, v, self.kv_cache, meta, scale=hd ** -0.5)
         return self.o_proj(out.reshape(t, -1))
@@ -65,7 +67,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(ops.silu_and_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -77,8 +79,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, h, cos, sin, meta):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        normed, h = self.post_attention_layernorm.add_forward(self.self_attn(self.input_layernorm(h), cos, sin, meta), h)
+        return h + self.mlp(normed)
 
 
 class Transformer(nn.Module):
@@ -111,7 +113,10 @@ class Transformer(nn.Module):
         the head, else hidden states [T, d] for the next stage.
         """
         h = self.embed_tokens(x) if self.embed_tokens is not None else x
-        cos, sin = rope_cos_sin(meta.positions, self.inv_freq.to(h.device), h.dtype)
+        meta = meta.to(h.device)
+        if self.inv_freq.device != h.device:  # once: a per-step copy would also break CUDA graph capture
+            self.inv_freq = self.inv_freq.to(h.device)
+        cos, sin = rope_cos_sin(meta.positions, self.inv_freq, h.dtype)
         for layer in self.layers.values():
             h = layer(h, cos, sin, meta)
         if self.lm_head is None:

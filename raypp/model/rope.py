@@ -2,6 +2,7 @@
 
 Positions are explicit per token: a flat batch mixes prefill chunks and decode
 tokens of many sequences, so there is no "sequence axis" to infer them from.
+The rotation itself is `ops.apply_rope` (kernels/rotary.py).
 """
 from __future__ import annotations
 
@@ -34,10 +35,3 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     angles = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((angles, angles), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [tokens, heads, head_dim] with HF's half-split layout (rotate_half)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]

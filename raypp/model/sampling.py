@@ -31,7 +31,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
            output_positions: list[int]) -> tuple[list[int], list[float] | None]:
     """One token per row of `logits` [n, vocab]; returns ids and, if any row asks, logprobs."""
     logits = logits.float()
-    greedy_ids = torch.argmax(logits, dim=-1).tolist()
+    greedy_ids = torch.argmax(logits, dim=-1).tolist()  # on a GPU, the step's one wait for the device
+    if not all(p.greedy for p in params):
+        # The seeded CPU generators draw the same tokens whatever device computed the logits.
+        logits = logits.cpu()
     ids = []
     for i, p in enumerate(params):
         if p.greedy:

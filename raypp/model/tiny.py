@@ -36,7 +36,11 @@ PRESETS: dict[str, dict] = {
     # Benchmarks: ~103M params, enough that weight reads (not Python) dominate a decode step.
     "small": dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=8,
                   head_dim=64, intermediate_size=2816, tie_word_embeddings=False, vocab_size=4096),
+    # GPU benchmarks: Llama-3.2-1B's layer shapes (the corpus caps the vocabulary); ~0.99B params.
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               head_dim=64, intermediate_size=8192, tie_word_embeddings=False, vocab_size=4096),
 }
+DTYPES = ("float32", "bfloat16")
 
 # Init scales, tuned against transformers.  Two forces pull apart: greedy comparisons across
 # shardings need clear argmax winners, and the 1e-4 logit comparisons need float error
@@ -75,7 +79,7 @@ def train_tokenizer(vocab_size: int):
     return tok
 
 
-def make_config(preset: str, vocab_size: int) -> dict:
+def make_config(preset: str, vocab_size: int, dtype: str = "float32") -> dict:
     p = PRESETS[preset]
     return {
         **p, "vocab_size": vocab_size,
@@ -85,7 +89,7 @@ def make_config(preset: str, vocab_size: int) -> dict:
         "rope_theta": 10000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
         "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
         "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
-        "torch_dtype": "float32", "dtype": "float32", "initializer_range": 0.02,
+        "torch_dtype": dtype, "dtype": dtype, "initializer_range": 0.02,
         "pretraining_tp": 1, "use_cache": True,
     }
 
@@ -131,10 +135,15 @@ def _write_json(path: pathlib.Path, obj: dict) -> None:
 
 
 def make_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0,
-                    progress: bool = False) -> pathlib.Path:
-    """Write the checkpoint into out_dir (created) and return out_dir as a Path."""
+                    progress: bool = False, dtype: str = "float32") -> pathlib.Path:
+    """Write the checkpoint into out_dir (created) and return out_dir as a Path.
+
+    The weights are drawn in fp32 whatever `dtype`; "bfloat16" rounds them when writing.
+    """
     if preset not in PRESETS:
         raise UserError(f"preset {preset!r} is unknown; use one of: {', '.join(PRESETS)}")
+    if dtype not in DTYPES:
+        raise UserError(f"dtype {dtype!r} is unknown; use one of: {', '.join(DTYPES)}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise UserError(f"seed {seed!r} must be an integer >= 0")
     out = pathlib.Path(out_dir)
@@ -143,7 +152,7 @@ def make_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int 
     out.mkdir(parents=True, exist_ok=True)
 
     tok = train_tokenizer(PRESETS[preset]["vocab_size"])
-    cfg = make_config(preset, tok.get_vocab_size())
+    cfg = make_config(preset, tok.get_vocab_size(), dtype)
     tok.save(str(out / "tokenizer.json"))
     specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}
     _write_json(out / "special_tokens_map.json", specials)
@@ -155,6 +164,7 @@ def make_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int 
     _write_json(out / "generation_config.json", {
         "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "do_sample": False})
 
+    import torch
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -162,6 +172,8 @@ def make_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int 
     with tqdm(total=cfg["num_hidden_layers"] + 1, desc=f"make-tiny {preset}", unit="step",
               disable=not progress) as bar:
         weights = make_weights(cfg, seed, bar)
+        if dtype != "float32":
+            weights = {name: t.to(getattr(torch, dtype)) for name, t in weights.items()}
         save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
         bar.update()
     return out
@@ -170,12 +182,14 @@ def make_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # No argparse `choices`: a bad preset is reported by make_checkpoint as a one-line UserError.
     parser.add_argument("--preset", default="tiny",
-                        help="tiny (~7M params, tests) or small (~100M params, benchmarks); default tiny")
+                        help="tiny (~7M params, tests), small (~100M params, CPU benchmarks) or "
+                             "1b (~1B params, GPU benchmarks); default tiny")
+    parser.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16 weights")
     parser.add_argument("--out", required=True, metavar="DIR", help="directory to write (created)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed; same seed, same bytes")
 
 
 def run(args) -> int:
-    out = make_checkpoint(args.out, preset=args.preset, seed=args.seed, progress=True)
-    print(f"wrote {args.preset} checkpoint (seed {args.seed}) to {out}")
+    out = make_checkpoint(args.out, preset=args.preset, seed=args.seed, progress=True, dtype=args.dtype)
+    print(f"wrote {args.preset} {args.dtype} checkpoint (seed {args.seed}) to {out}")
     return 0

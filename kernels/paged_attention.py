@@ -1,0 +1,98 @@
+"""Decode attention (one query token per sequence) over raypp's paged KV cache.
+
+The cache of a layer is flat, [num_blocks * block_size, kv_heads, head_dim] for K and for
+V; sequence b's context is the slots of the blocks in block_tables[b], in order, cut at
+context_lens[b].  The kernel reads K/V in place through the table: nothing is gathered
+into a contiguous copy first, which is what the reference does (and why it moves every
+context byte twice).
+
+One program per (sequence, kv head) serves all the query heads that share that kv head
+(GQA), so each K/V byte is read once.  The context is walked BLOCK_N tokens at a time with
+an online softmax (FlashAttention's running max and sum) in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels import jit, tl, triton
+
+
+def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor, max_len: int,
+                               block_size: int, scale: float) -> torch.Tensor:
+    """q [B, Hq, D]; k/v_cache [slots, Hkv, D]; block_tables [B, max_blocks]; context_lens [B].
+
+    max_len (>= every context length) is a host int so that no device value is read back.
+    """
+    b = q.shape[0]
+    blocks = block_tables[:, : (max_len + block_size - 1) // block_size].long()
+    offsets = torch.arange(block_size, device=q.device)
+    slots = (blocks[:, :, None] * block_size + offsets).flatten(1)[:, :max_len].flatten()
+    mask = (torch.arange(max_len, device=q.device) < context_lens[:, None]).view(b, 1, 1, max_len)
+    k = k_cache.index_select(0, slots).view(b, max_len, *k_cache.shape[1:]).transpose(1, 2)  # [B, Hkv, L, D]
+    v = v_cache.index_select(0, slots).view(b, max_len, *v_cache.shape[1:]).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o.squeeze(2)
+
+
+@jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, scale,
+                   stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                   stride_ob, stride_oh, stride_tb,
+                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    length = tl.load(lens_ptr + b)
+    # tl.dot needs at least 16 rows, so the GROUP query heads are padded to BLOCK_G.
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    gd_mask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
+    heads = kvh * GROUP + g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gd_mask, other=0.0)
+
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    denom = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for start in range(0, length, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_mask = n < length
+        block = tl.load(tables_ptr + b * stride_tb + n // BLOCK_SIZE, mask=n_mask, other=0)
+        slot = block.to(tl.int64) * BLOCK_SIZE + n % BLOCK_SIZE
+        nd_mask = n_mask[:, None] & (d[None, :] < HEAD_DIM)
+        k = tl.load(k_ptr + slot[:, None] * stride_kt + kvh * stride_kh + d[None, :], mask=nd_mask, other=0.0)
+        v = tl.load(v_ptr + slot[:, None] * stride_vt + kvh * stride_vh + d[None, :], mask=nd_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK_N], fp32
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        denom = denom * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    out = acc / denom[:, None]
+    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(q.dtype), mask=gd_mask)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, max_len: int,
+                           block_size: int, scale: float) -> torch.Tensor:
+    """Same contract as the reference; block_tables and context_lens are int32."""
+    batch, q_heads, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    group = q_heads // kv_heads
+    out = torch.empty_like(q)
+    block_d = triton.next_power_of_2(dim)
+    # 64 context tokens per iteration keeps a [64, D] K and V tile in flight per program.
+    block_n = 64 if block_d <= 128 else 32
+    _decode_kernel[(batch, kv_heads)](
+        q, k_cache, v_cache, out, block_tables, context_lens, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        out.stride(0), out.stride(1), block_tables.stride(0),
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, BLOCK_D=block_d,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        # fp32 caches get exact fp32 products, not Triton's default tf32; 16-bit ones ignore this.
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
+    return out

@@ -1,0 +1,98 @@
+"""The one place where the model picks how its hot ops run.
+
+CUDA tensors go to the fused Triton kernels in `kernels/` (decode attention: FlashInfer when
+`flashinfer-python` is installed, else Triton); CPU tensors, or any host without Triton, get
+the torch references next to those kernels, which are what the CPU tests pin against
+transformers.  RAYPP_KERNELS=torch|triton|flashinfer, or `use()` in tests, overrides the
+choice for every device ("triton" on CPU tensors runs Triton's interpreter).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from contextlib import contextmanager
+
+import torch
+
+import kernels
+from kernels import activation, paged_attention, rmsnorm, rotary
+
+HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
+_forced: str | None = os.environ.get("RAYPP_KERNELS") or None
+
+
+@contextmanager
+def use(backend: str | None):
+    """Run the enclosed code with `backend` for every op (None: choose by device)."""
+    global _forced
+    before, _forced = _forced, backend
+    try:
+        yield
+    finally:
+        _forced = before
+
+
+def backend(device: torch.device, attention: bool = False) -> str:
+    if _forced:
+        return "triton" if _forced == "flashinfer" and not attention else _forced
+    if device.type != "cuda" or not kernels.HAS_TRITON:
+        return "torch"
+    return "flashinfer" if attention and HAS_FLASHINFER else "triton"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if backend(x.device) == "torch":
+        return rmsnorm.rms_norm_ref(x, weight, eps)
+    return rmsnorm.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(rms_norm(residual + x), residual + x)."""
+    if backend(x.device) == "torch":
+        return rmsnorm.add_rms_norm_ref(x, residual, weight, eps)
+    return rmsnorm.add_rms_norm(x, residual, weight, eps)
+
+
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if backend(gate.device) == "torch":
+        return activation.silu_and_mul_ref(gate, up)
+    return activation.silu_and_mul(gate, up)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if backend(x.device) == "torch":
+        return rotary.rotary_ref(x, cos, sin)
+    return rotary.rotary(x, cos, sin)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float):
+    """q [B, Hq, D] of the decode rows; k/v_cache [slots, Hkv, D]; meta: AttentionMetadata."""
+    args = (q, k_cache, v_cache, meta.decode_tables, meta.decode_lens, meta.decode_max_len, meta.block_size, scale)
+    name = backend(q.device, attention=True)
+    if name == "torch":
+        return paged_attention.paged_decode_attention_ref(*args)
+    if name == "flashinfer":
+        return _flashinfer_decode(q, k_cache, v_cache, meta, scale)
+    return paged_attention.paged_decode_attention(*args)
+
+
+_workspaces: dict[torch.device, torch.Tensor] = {}
+
+
+def _flashinfer_decode(q, k_cache, v_cache, meta, scale):
+    # FlashInfer plans a batch once (page lists, work split) and then runs every layer on
+    # that plan, so the planned wrapper lives on the step's metadata.
+    import flashinfer
+
+    key = (q.shape[1], k_cache.shape[1], q.shape[2], q.dtype)
+    wrapper = meta.plans.get(key)
+    if wrapper is None:
+        if q.device not in _workspaces:
+            _workspaces[q.device] = torch.empty(128 << 20, dtype=torch.uint8, device=q.device)
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspaces[q.device], kv_layout="NHD")
+        indptr, indices, last_page_len = meta.flashinfer_pages
+        wrapper.plan(indptr, indices, last_page_len, q.shape[1], k_cache.shape[1], q.shape[2], meta.block_size,
+                     q_data_type=q.dtype, kv_data_type=k_cache.dtype, sm_scale=scale)
+        meta.plans[key] = wrapper
+    paged = (k_cache.view(-1, meta.block_size, *k_cache.shape[1:]), v_cache.view(-1, meta.block_size, *v_cache.shape[1:]))
+    return wrapper.run(q.contiguous(), paged)
