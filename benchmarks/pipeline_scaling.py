@@ -64,23 +64,6 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def unique_placement_group_names() -> None:
-    """Two engines open at once in one Ray namespace collide: RayExecutor names its placement
-    groups `raypp-stage<i>` and Ray refuses a second group of the same name ("name 'raypp-stage0'
-    already exists").  Reported to the runtime's owners; until then this script names each
-    engine's groups uniquely (a wrapper here, nothing in raypp is changed)."""
-    import itertools
-
-    from raypp.runtime import executors
-
-    orig, counter = executors.create_stage_groups, itertools.count()
-
-    def create(tp, pp, parallel, name="raypp"):
-        return orig(tp, pp, parallel, name=f"{name}-bench{next(counter)}")
-
-    executors.create_stage_groups = create
-
-
 def planner(model: str, tp: int, pp: int, c: int, inp: int, out: int, mb: int | None = None) -> dict | None:
     cmd = [sys.executable, "-m", "raypp.cli", "plan", "--model", model, "--gpu", "cpu", "--gpus-per-node",
            str(tp * pp), "--dtype", "fp32", "--concurrency", str(c), "--input-len", str(inp),
@@ -403,7 +386,6 @@ def main() -> int:
                "checkpoints": {}}
     t0 = time.perf_counter()
     ray.init(**RAY_INIT, log_to_driver=False)
-    unique_placement_group_names()
     try:
         # `timeout` or a kill sends SIGTERM: leave through `finally`, so that Ray is shut down
         # (set after ray.init, which installs a handler of its own).

@@ -53,3 +53,10 @@ def run_all(engine, prompts, params) -> list[list[int]]:
 def run_each(engine, prompts, params) -> list[list[int]]:
     """Each prompt alone."""
     return [asyncio.run(collect(engine, p, params)) for p in prompts]
+
+
+def all_blocks_free(engine) -> bool:
+    """Once the steps still in flight behind finished sequences have come back."""
+    asyncio.run(engine.wait_idle())
+    stats = engine.stats()
+    return stats.kv_blocks_free == stats.kv_blocks_total

@@ -9,7 +9,7 @@ from raypp.model.config import ModelConfig
 from raypp.model.sampling_params import SamplingParams
 from raypp.runtime.engine import Engine
 from raypp.runtime.outputs import QueueFullError
-from tests.reference import collect, greedy, random_prompts
+from tests.reference import all_blocks_free, collect, greedy, random_prompts
 
 LENGTHS = [3, 9, 14, 20, 27, 31, 38, 45, 5, 11, 17, 23, 29, 35, 41, 50]
 
@@ -41,15 +41,41 @@ def run_concurrently(engine, prompts):
 def test_concurrent_requests_match_each_alone(tiny_ckpt, prompts, alone):
     engine = make_engine(tiny_ckpt, max_tokens_per_micro_batch=64)
     assert run_concurrently(engine, prompts) == alone
-    assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
+    assert all_blocks_free(engine)
 
 
 def test_small_kv_cache_preempts_and_recomputes_identically(tiny_ckpt, prompts, alone):
     engine = make_engine(tiny_ckpt, num_kv_blocks=12, block_size=8)
     assert run_concurrently(engine, prompts) == alone
-    stats = engine.stats()
-    assert stats.preemptions > 0
-    assert stats.kv_blocks_free == 12
+    assert engine.stats().preemptions > 0
+    assert all_blocks_free(engine)
+
+
+def test_seeded_sampling_survives_preemption(tiny_ckpt, prompts):
+    params = [SamplingParams(max_tokens=6 + i % 5, temperature=0.8, top_k=20, top_p=0.9, seed=50 + i)
+              for i in range(len(prompts))]
+
+    def run(engine):
+        async def main():
+            return await asyncio.gather(*[collect(engine, p, q) for p, q in zip(prompts, params)])
+        return asyncio.run(main())
+    roomy = make_engine(tiny_ckpt)
+    cramped = make_engine(tiny_ckpt, num_kv_blocks=12, block_size=8)
+    assert run(cramped) == run(roomy)
+    assert cramped.stats().preemptions > 0
+
+
+def test_max_num_seqs_caps_the_running_set(tiny_ckpt, prompts, alone):
+    engine = make_engine(tiny_ckpt, max_num_seqs=3)
+    running = []
+    submit = engine.executor.submit
+
+    def spy(step):
+        running.append(len(engine.scheduler.running))
+        return submit(step)
+    engine.executor.submit = spy
+    assert run_concurrently(engine, prompts) == alone
+    assert max(running) == 3
 
 
 def test_cancel_frees_blocks_and_leaves_others_alone(tiny_ckpt, prompts, alone):
@@ -75,7 +101,7 @@ def test_cancel_frees_blocks_and_leaves_others_alone(tiny_ckpt, prompts, alone):
     got, done = asyncio.run(main())
     assert len(got) == 3
     assert done == alone[:4]
-    assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
+    assert all_blocks_free(engine)
     assert engine.stats().running == 0
 
 
@@ -98,7 +124,7 @@ def test_closing_the_stream_aborts_the_request(tiny_ckpt, prompts):
         await asyncio.sleep(0.2)
     asyncio.run(main())
     assert engine.stats().running == 0
-    assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
+    assert all_blocks_free(engine)
 
 
 def test_sampling_is_seeded_and_stops(tiny_ckpt, prompts, alone):

@@ -374,16 +374,16 @@ class StepRecorder:
     def __init__(self, engine):
         self.steps = []
         self._engine = engine
-        self._orig = engine.executor.execute
+        self._orig = engine.executor.submit
 
-        async def execute(step):
+        def submit(step):
             self.steps.append(copy.deepcopy(step))
-            return await self._orig(step)
+            return self._orig(step)
 
-        engine.executor.execute = execute
+        engine.executor.submit = submit
 
     def close(self) -> None:
-        self._engine.executor.execute = self._orig
+        self._engine.executor.submit = self._orig
 
     def decode_steps(self, batch: int) -> list:
         return [s for s in self.steps if len(s.query_lens) == batch and all(q == 1 for q in s.query_lens)]

@@ -12,6 +12,7 @@ cannot serve.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import shutil
@@ -33,8 +34,15 @@ from raypp.runtime.kv_budget import kv_block_count
 from raypp.runtime.outputs import QueueFullError, RequestOutput
 from raypp.runtime.scheduler import MicroBatch, Scheduler, StepCost
 from raypp.runtime.sequence import MAX_STEPS_IN_FLIGHT, Sequence, Status
+from raypp.runtime.stage_balance import suggest_stage_layers
 from raypp.runtime.request_stats import RequestTracker
 from raypp.runtime.stats import EngineStats, PipelineStats
+
+
+log = logging.getLogger("raypp")
+
+# How often (in steps) the measured stage times are checked for a better layer split.
+BALANCE_CHECK_STEPS = 512
 
 
 class EngineDeadError(RuntimeError):
@@ -72,7 +80,10 @@ def ensure_checkpoint(config: DeploymentConfig) -> Path:
 
 class Engine:
     def __init__(self, config: DeploymentConfig, model_path: Path, model_config: ModelConfig, executor,
-                 num_blocks: int, max_model_len: int, num_stages: int):
+                 num_blocks: int, max_model_len: int, stage_layers: tuple[int, ...]):
+        num_stages = len(stage_layers)
+        self.stage_layers = stage_layers
+        self._suggested_split: list[int] | None = None
         self.config, self.model_path, self.model_config = config, model_path, model_config
         self.executor = executor
         self.max_model_len = max_model_len
@@ -83,13 +94,13 @@ class Engine:
         # Each micro-batch's sequences may have their next step queued behind the one computing.
         self.max_steps_in_flight = MAX_STEPS_IN_FLIGHT * config.micro_batches
         self.driver = DriverClock()
+        self._steps_in_flight: deque[tuple[MicroBatch, object, float]] = deque()   # (micro-batch, handle, sent)
         self.requests = RequestTracker()
         self.pipeline_stats = PipelineStats(num_stages, on_step=self.requests.on_step)
         self._seqs: dict[str, Sequence] = {}
         self._queues: dict[str, asyncio.Queue] = {}
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        self._in_flight = 0
         self.error: BaseException | None = None
         self.tokens_generated = 0
 
@@ -104,7 +115,7 @@ class Engine:
         num_blocks = kv_block_count(model_config, layout, config, max_model_len)
         use_ray = layout.world_size > 1 if use_ray is None else use_ray
         executor = (RayExecutor if use_ray else LocalExecutor)(str(path), config, layout, num_blocks)
-        return cls(config, path, model_config, executor, num_blocks, max_model_len, layout.pp)
+        return cls(config, path, model_config, executor, num_blocks, max_model_len, layout.stage_layers)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -178,36 +189,52 @@ class Engine:
         self._wake.set()
 
     async def _run(self) -> None:
-        # Steps come back in the order they were sent (every stage runs them in that order), and
-        # are applied in that order: a sequence's tokens arrive in sequence.
-        in_flight: deque[tuple[MicroBatch, asyncio.Future, float]] = deque()
-        quiet = True
+        # Steps come back in the order they were sent (every stage runs them in that order) and
+        # are applied in that order, so a sequence's tokens arrive in sequence.  The queue lives on
+        # the engine: steps still in flight when an event loop ends are awaited by the next one.
+        queue = self._steps_in_flight
+        quiet = not queue
+        head = None
         try:
             while True:
                 with self.driver.timed():
-                    while len(in_flight) < self.max_steps_in_flight and (mb := self.scheduler.schedule()):
+                    while len(queue) < self.max_steps_in_flight and (mb := self.scheduler.schedule()):
                         mb.step.resumed = quiet
                         quiet = False
-                        in_flight.append((mb, asyncio.ensure_future(self.executor.execute(mb.step)),
-                                          time.perf_counter()))
-                self._in_flight = len(in_flight)
-                if not in_flight:
+                        queue.append((mb, self.executor.submit(mb.step), time.perf_counter()))
+                if not queue:
                     quiet = True
                     self._wake.clear()
                     await self._wake.wait()
                     continue
                 self._wake.clear()
-                head = in_flight[0][1]
+                if head is None:
+                    head = asyncio.ensure_future(self.executor.outputs(queue[0][1]))
                 if not head.done():
                     waker = asyncio.ensure_future(self._wake.wait())
                     await asyncio.wait([head, waker], return_when=asyncio.FIRST_COMPLETED)
                     waker.cancel()
-                with self.driver.timed():
-                    while in_flight and in_flight[0][1].done():
-                        mb, fut, started = in_flight.popleft()
-                        self._complete(mb, started, fut.result())
+                if head.done():
+                    outputs, head = head.result(), None
+                    with self.driver.timed():
+                        mb, _, started = queue.popleft()
+                        self._complete(mb, started, outputs)
+        except asyncio.CancelledError:
+            if head is not None:
+                head.cancel()
+            raise
         except Exception as e:  # a worker died or a step failed: fail loudly, never hang
             self._fail_all(e)
+
+    async def wait_idle(self, timeout_s: float = 60.0) -> None:
+        """Returns once no step is in flight: a finished sequence's step behind it has come back and
+        its blocks are free."""
+        self._ensure_loop()
+        deadline = time.monotonic() + timeout_s
+        while self._steps_in_flight and self.error is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self._steps_in_flight)} steps still in flight after {timeout_s:g}s")
+            await asyncio.sleep(0.005)
 
     def _complete(self, mb: MicroBatch, started: float, outputs) -> None:
         carrier = next(o for o in outputs if o.token_ids is not None or not mb.step.sample_rows)
@@ -217,11 +244,23 @@ class Engine:
             stage_timings.setdefault(o.timing.stage, o.timing)
         self.pipeline_stats.record(list(stage_timings.values()), time.perf_counter() - started)
         self.driver.returned(max(t.end for t in stage_timings.values()))
+        if self.driver.totals.steps % BALANCE_CHECK_STEPS == 0:
+            self._check_stage_balance()
         updated = self.scheduler.complete(mb, ids, logprobs)
         for seq in updated:
             self.tokens_generated += 1
             lp = seq.output_logprobs[-1:] if seq.params.logprobs else None
             self._emit(seq, seq.output_ids[-1:], lp)
+
+    def _check_stage_balance(self) -> None:
+        """Logs the layer split that would even out the stages when one is >10% above the mean."""
+        busy = [st.busy_s / st.steps if st.steps else 0.0 for st in self.pipeline_stats.snapshot()]
+        split = suggest_stage_layers(self.stage_layers, busy)
+        if split is not None and split != self._suggested_split:
+            log.warning("pipeline stages are unbalanced: busy ms per step %s with stage_layers %s; "
+                        "set parallel.stage_layers: %s to balance them",
+                        [round(b * 1e3, 1) for b in busy], list(self.stage_layers), split)
+        self._suggested_split = split
 
     def _fail_all(self, error: BaseException) -> None:
         self.error = error
@@ -245,7 +284,7 @@ class Engine:
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
-            micro_batches_in_flight=self._in_flight,
+            micro_batches_in_flight=len(self._steps_in_flight),
             micro_batches=self.config.micro_batches,
             kv_blocks_total=self.blocks.num_blocks,
             kv_blocks_free=self.blocks.num_free,

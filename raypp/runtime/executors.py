@@ -1,6 +1,8 @@
 """Where steps run: in this process (TP = PP = 1), or on TP x PP Ray actors.
 
-Both take a `StepInput` and return every worker's `StepOutput`.  The Ray
+Both `submit` a `StepInput` at once and hand back a handle whose `outputs` (every
+worker's `StepOutput`) can be awaited later, from any event loop: a step in flight
+outlives the loop that sent it (a caller's `asyncio.run` may end first).  The Ray
 executor sends the step to all workers at once; Ray runs an actor's calls in
 submission order, so stage 1 starts micro-batch k (blocking on the activations
 from stage 0) while stage 0 already computes k+1: the pipeline.  Only the small
@@ -12,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from concurrent.futures import ThreadPoolExecutor
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 
 import ray
@@ -33,8 +36,11 @@ class LocalExecutor:
         # and runs the steps in flight one after another, in submission order.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raypp-step")
 
-    async def execute(self, step: StepInput) -> list[StepOutput]:
-        return [await asyncio.get_running_loop().run_in_executor(self._thread, self.worker.execute, step)]
+    def submit(self, step: StepInput) -> Future:
+        return self._thread.submit(self.worker.execute, step)
+
+    async def outputs(self, handle: Future) -> list[StepOutput]:
+        return [await asyncio.wrap_future(handle)]
 
     async def check_health(self) -> None:
         pass
@@ -73,7 +79,8 @@ class StageActor:
 class RayExecutor:
     def __init__(self, model_path: str, config: DeploymentConfig, layout: Layout, num_blocks: int):
         par = config.parallel
-        self.groups = create_stage_groups(layout.tp, layout.pp, par)
+        # Named per executor: several replicas (or engines) share one Ray namespace.
+        self.groups = create_stage_groups(layout.tp, layout.pp, par, name=f"raypp-{uuid.uuid4().hex[:8]}")
         bundle = worker_bundle(par)
         extra = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
         actor_cls = ray.remote(StageActor)
@@ -98,9 +105,12 @@ class RayExecutor:
             self.shutdown()
             raise
 
-    async def execute(self, step: StepInput) -> list[StepOutput]:
+    def submit(self, step: StepInput) -> list[ray.ObjectRef]:
         ref = ray.put(step)
-        return await asyncio.gather(*[a.execute.remote(ref) for a in self.actors])
+        return [a.execute.remote(ref) for a in self.actors]
+
+    async def outputs(self, refs: list[ray.ObjectRef]) -> list[StepOutput]:
+        return await asyncio.gather(*refs)
 
     async def check_health(self, timeout_s: float = 10.0) -> None:
         await asyncio.wait_for(asyncio.gather(*[a.ping.remote() for a in self.actors]), timeout_s)
