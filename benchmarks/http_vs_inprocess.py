@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     import ray
 
     from raypp.model.config import ModelConfig
-    from raypp.runtime.engine import ensure_checkpoint
+    from raypp.runtime.checkpoint_dir import ensure_checkpoint
     from raypp.serve import parse_args
 
     config = load_deployment(a.deployment)

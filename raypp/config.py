@@ -37,6 +37,13 @@ class ParallelSection(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker bundle reserves (torch threads on CPU).")
     placement_timeout_s: float = Field(
         60.0, gt=0, description="How long to wait for the placement groups before failing with the shortfall.")
+    step_timeout_s: float = Field(
+        120.0, gt=0, description="A step that has not come back this long after it could start means a stalled "
+                                 "or dead worker: the pipeline is rebuilt.")
+    setup_timeout_s: float = Field(
+        600.0, gt=0, description="Workers must have joined their process groups and loaded their shards by then.")
+    max_rebuilds: int = Field(
+        3, ge=0, description="Pipeline rebuilds after worker failures before the replica reports unhealthy for good.")
     placement_resources: dict[str, float] = Field(
         default_factory=dict,
         description="Extra custom resources every bundle asks for (e.g. a node-pool label).")

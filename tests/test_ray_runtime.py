@@ -71,8 +71,8 @@ def test_too_many_gpus_fails_within_timeout_naming_the_shortfall(local_ray, tiny
     assert not live_actors() and not live_groups()
 
 
-def test_a_dead_worker_fails_requests_instead_of_hanging(local_ray, tiny_ckpt, prompts):
-    engine = Engine.from_config(config(tiny_ckpt, tp=1, pp=2))
+def test_a_dead_worker_with_no_rebuild_left_fails_requests_instead_of_hanging(local_ray, tiny_ckpt, prompts):
+    engine = Engine.from_config(config(tiny_ckpt, tp=1, pp=2, max_rebuilds=0))
     try:
         async def main():
             stream = asyncio.ensure_future(collect(engine, prompts[0], greedy(400)))

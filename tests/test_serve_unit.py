@@ -6,7 +6,7 @@ from fastapi.testclient import TestClient
 
 from raypp.config import DeploymentConfig
 from raypp.errors import UserError
-from raypp.runtime.engine import ensure_checkpoint
+from raypp.runtime.checkpoint_dir import ensure_checkpoint
 from raypp.serve import parse_args
 from raypp.serve import protocol as P
 from raypp.serve.checkpoint import resolve_paths, served_name

@@ -12,24 +12,24 @@ cannot serve.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import os
 import random
-import shutil
 import time
 import uuid
 from collections import deque
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from raypp.config import DeploymentConfig
-from raypp.errors import CheckpointError, UserError
+from raypp.errors import UserError
 from raypp.model.config import ModelConfig
 from raypp.model.sampling_params import SamplingParams
 from raypp.parallel.layout import make_layout
 from raypp.runtime.block_manager import BlockManager
+from raypp.runtime.checkpoint_dir import ensure_checkpoint
 from raypp.runtime.driver_clock import DriverClock
-from raypp.runtime.executors import LocalExecutor, RayExecutor
+from raypp.runtime.executors import Executor, LocalExecutor, RayExecutor
 from raypp.runtime.kv_budget import kv_block_count
 from raypp.runtime.outputs import QueueFullError, RequestOutput
 from raypp.runtime.scheduler import MicroBatch, Scheduler, StepCost
@@ -46,41 +46,17 @@ BALANCE_CHECK_STEPS = 512
 
 
 class EngineDeadError(RuntimeError):
-    """A worker failed; the engine cannot serve until it is restarted."""
+    """A worker failed and no rebuild is left; the engine cannot serve until it is restarted."""
 
 
-def ensure_checkpoint(config: DeploymentConfig) -> Path:
-    """The checkpoint directory, written first if absent and `model.make_tiny_if_missing` asks.
-
-    Written into a temporary sibling and renamed into place, so that two replicas
-    starting at once, or a reader racing the writer, never see half a checkpoint.
-    """
-    path = Path(config.model.path).expanduser().resolve()
-    preset = config.model.make_tiny_if_missing
-    if preset is None or (path / "config.json").is_file():
-        return path
-    if path.exists() and any(path.iterdir()):
-        raise CheckpointError(f"{path} exists but has no config.json; empty it or point model.path elsewhere "
-                              f"before asking make_tiny_if_missing to write a {preset!r} checkpoint there")
-    from raypp.model.tiny import make_checkpoint
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    make_checkpoint(tmp, preset=preset, progress=True)
-    try:
-        if path.exists():
-            path.rmdir()  # an empty directory left by the user: replace it
-        os.rename(tmp, path)
-    except OSError:
-        if not (path / "config.json").is_file():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # another replica finished first
-    return path
+class StepTimeoutError(RuntimeError):
+    """No step came back within parallel.step_timeout_s."""
 
 
 class Engine:
-    def __init__(self, config: DeploymentConfig, model_path: Path, model_config: ModelConfig, executor,
-                 num_blocks: int, max_model_len: int, stage_layers: tuple[int, ...]):
+    def __init__(self, config: DeploymentConfig, model_path: Path, model_config: ModelConfig, executor: Executor,
+                 num_blocks: int, max_model_len: int, stage_layers: tuple[int, ...],
+                 make_executor: Callable[[], Executor] | None = None):
         num_stages = len(stage_layers)
         self.stage_layers = stage_layers
         self._suggested_split: list[int] | None = None
@@ -103,6 +79,12 @@ class Engine:
         self._loop_task: asyncio.Task | None = None
         self.error: BaseException | None = None
         self.tokens_generated = 0
+        # Rebuilding after a worker failure (None: this executor cannot be rebuilt, e.g. in process).
+        self._make_executor = make_executor
+        self.rebuilds = 0
+        self.rebuilding = False
+        self._failure: BaseException | None = None     # found outside the step loop (a failed ping)
+        self._last_progress = time.monotonic()          # a step came back, or work began
 
     @classmethod
     def from_config(cls, config: DeploymentConfig, use_ray: bool | None = None) -> "Engine":
@@ -114,8 +96,9 @@ class Engine:
                             model_config.max_position_embeddings)
         num_blocks = kv_block_count(model_config, layout, config, max_model_len)
         use_ray = layout.world_size > 1 if use_ray is None else use_ray
-        executor = (RayExecutor if use_ray else LocalExecutor)(str(path), config, layout, num_blocks)
-        return cls(config, path, model_config, executor, num_blocks, max_model_len, layout.stage_layers)
+        make = functools.partial(RayExecutor if use_ray else LocalExecutor, str(path), config, layout, num_blocks)
+        return cls(config, path, model_config, make(), num_blocks, max_model_len, layout.stage_layers,
+                   make_executor=make if use_ray else None)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -189,16 +172,40 @@ class Engine:
         self._wake.set()
 
     async def _run(self) -> None:
+        """Runs steps; after a worker failure rebuilds the pipeline and resumes, up to max_rebuilds."""
+        while True:
+            try:
+                await self._step_loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a worker died or stalled, or a step failed: never hang
+                while True:
+                    if self._make_executor is None or self.rebuilds >= self.config.parallel.max_rebuilds:
+                        self._fail_all(e)
+                        return
+                    try:
+                        await self._rebuild(e)
+                        break
+                    except Exception as again:  # e.g. no room left in the cluster for a stage
+                        e = again
+
+    async def _step_loop(self) -> None:
         # Steps come back in the order they were sent (every stage runs them in that order) and
         # are applied in that order, so a sequence's tokens arrive in sequence.  The queue lives on
         # the engine: steps still in flight when an event loop ends are awaited by the next one.
         queue = self._steps_in_flight
+        timeout_s = self.config.parallel.step_timeout_s
         quiet = not queue
         head = None
         try:
             while True:
+                if self._failure is not None:
+                    failure, self._failure = self._failure, None
+                    raise failure
                 with self.driver.timed():
                     while len(queue) < self.max_steps_in_flight and (mb := self.scheduler.schedule()):
+                        if not queue:
+                            self._last_progress = time.monotonic()
                         mb.step.resumed = quiet
                         quiet = False
                         queue.append((mb, self.executor.submit(mb.step), time.perf_counter()))
@@ -212,19 +219,41 @@ class Engine:
                     head = asyncio.ensure_future(self.executor.outputs(queue[0][1]))
                 if not head.done():
                     waker = asyncio.ensure_future(self._wake.wait())
-                    await asyncio.wait([head, waker], return_when=asyncio.FIRST_COMPLETED)
+                    left = timeout_s - (time.monotonic() - self._last_progress)
+                    await asyncio.wait([head, waker], timeout=max(0.0, left), return_when=asyncio.FIRST_COMPLETED)
                     waker.cancel()
+                    if not head.done() and time.monotonic() - self._last_progress > timeout_s:
+                        raise StepTimeoutError(f"no step came back for {timeout_s:g}s (parallel.step_timeout_s): "
+                                               f"a worker is stalled or unreachable")
                 if head.done():
                     outputs, head = head.result(), None
+                    self._last_progress = time.monotonic()
                     with self.driver.timed():
                         mb, _, started = queue.popleft()
                         self._complete(mb, started, outputs)
-        except asyncio.CancelledError:
+        finally:
             if head is not None:
                 head.cancel()
-            raise
-        except Exception as e:  # a worker died or a step failed: fail loudly, never hang
-            self._fail_all(e)
+
+    async def _rebuild(self, cause: BaseException) -> None:
+        """New workers for the whole pipeline; every unfinished request is recomputed from its prompt
+        and the tokens already streamed, so its stream pauses and then continues (seeded sampling is
+        stateless per token: the text is what an undisturbed run gives)."""
+        self.rebuilds += 1
+        self.rebuilding = True
+        t0 = time.monotonic()
+        log.warning("pipeline worker failure (%r): rebuilding the pipeline (%d of at most %d); "
+                    "%d running and %d waiting requests resume", cause, self.rebuilds,
+                    self.config.parallel.max_rebuilds, len(self.scheduler.running), len(self.scheduler.waiting))
+        try:
+            self._steps_in_flight.clear()
+            self.scheduler.requeue_all()
+            await asyncio.to_thread(self.executor.shutdown)
+            self.executor = await asyncio.to_thread(self._make_executor)
+        finally:
+            self.rebuilding = False
+            self._last_progress = time.monotonic()
+        log.warning("pipeline rebuilt in %.1fs", time.monotonic() - t0)
 
     async def wait_idle(self, timeout_s: float = 60.0) -> None:
         """Returns once no step is in flight: a finished sequence's step behind it has come back and
@@ -271,14 +300,21 @@ class Engine:
     # ---- introspection and lifecycle ------------------------------------------------------
 
     async def check_health(self) -> None:
-        """Raises EngineDeadError if a step failed or a worker does not answer a ping."""
+        """Raises EngineDeadError once the engine is dead for good (a failure with no rebuild left),
+        or when it has work but no step came back for twice the step timeout (a stalled loop).
+        A worker that does not answer a ping starts a rebuild; while one runs, this passes."""
         if self.error is not None:
             raise EngineDeadError(f"engine is dead: {self.error!r}")
+        if self.rebuilding:
+            return
+        stalled = time.monotonic() - self._last_progress > 2 * self.config.parallel.step_timeout_s
+        if self._steps_in_flight and stalled:
+            raise EngineDeadError(f"no step came back for {time.monotonic() - self._last_progress:.0f}s")
         try:
             await self.executor.check_health()
         except Exception as e:
-            self._fail_all(e)
-            raise EngineDeadError(f"a worker is unreachable: {e!r}") from e
+            self._failure = e
+            self._ensure_loop()
 
     def stats(self) -> EngineStats:
         return EngineStats(

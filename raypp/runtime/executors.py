@@ -17,15 +17,33 @@ import socket
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
+from typing import Any, Protocol
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raypp.config import DeploymentConfig
+from raypp.errors import PlacementError
 from raypp.parallel.layout import Layout
 from raypp.parallel.placement import create_stage_groups, remove_groups, worker_bundle
 from raypp.runtime.step import StepInput, StepOutput
 from raypp.runtime.worker import StageWorker
+
+
+class Executor(Protocol):
+    """What the engine needs of the workers: send a step, await its outputs, ping, stop."""
+
+    def submit(self, step: StepInput) -> Any:
+        """Starts the step on every worker at once; returns a handle for `outputs`."""
+
+    async def outputs(self, handle: Any) -> list[StepOutput]:
+        """Every worker's output of a submitted step; raises if a worker failed."""
+
+    async def check_health(self) -> None:
+        """Raises if a worker does not answer."""
+
+    def shutdown(self) -> None:
+        """Stops every worker and frees what they reserved; safe to call twice."""
 
 
 class LocalExecutor:
@@ -58,13 +76,13 @@ class StageActor:
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
     def setup(self, rank: int, world_size: int, address: tuple[str, int], threads: int, backend: str,
-              worker_args: dict) -> dict:
+              timeout_s: float, worker_args: dict) -> dict:
         import torch
         import torch.distributed as dist
         # Ray sets OMP_NUM_THREADS=1 in actors; a CPU worker uses the CPUs its bundle reserved.
         torch.set_num_threads(threads)
         dist.init_process_group(backend, init_method=f"tcp://{address[0]}:{address[1]}", rank=rank,
-                                world_size=world_size, timeout=timedelta(minutes=10))
+                                world_size=world_size, timeout=timedelta(seconds=timeout_s))
         self.worker = StageWorker(**worker_args)
         return {"rank": rank, "bytes_loaded": self.worker.bytes_loaded, "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id()}
@@ -92,15 +110,23 @@ class RayExecutor:
                     self.actors.append(actor_cls.options(
                         num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), resources=extra,
                         scheduling_strategy=strategy, name=None).remote())
-            address = ray.get(self.actors[0].rendezvous_address.remote())
+            address = ray.get(self.actors[0].rendezvous_address.remote(), timeout=par.setup_timeout_s)
             backend = "nccl" if par.device == "cuda" else "gloo"
             threads = max(1, int(par.cpus_per_worker))
-            self.worker_info = ray.get([
-                actor.setup.remote(rank, layout.world_size, address, threads, backend, dict(
+            # A collective or point-to-point wait longer than a step may take is a dead peer.
+            setups = [
+                actor.setup.remote(rank, layout.world_size, address, threads, backend, par.step_timeout_s, dict(
                     model_path=model_path, dtype=config.model.dtype, layout=layout, stage=rank // layout.tp,
                     tp_rank=rank % layout.tp, num_blocks=num_blocks, block_size=config.scheduler.block_size,
                     device=par.device))
-                for rank, actor in enumerate(self.actors)])
+                for rank, actor in enumerate(self.actors)]
+            try:
+                self.worker_info = ray.get(setups, timeout=par.setup_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise PlacementError(
+                    f"worker setup (process groups, weight loading) did not finish within "
+                    f"{par.setup_timeout_s:g}s (parallel.setup_timeout_s): raise it for large checkpoints on "
+                    f"slow storage, or check that every node can reach {address[0]}") from None
         except BaseException:
             self.shutdown()
             raise

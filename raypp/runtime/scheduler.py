@@ -207,6 +207,19 @@ class Scheduler:
             sample_rows=sample_rows, params=params, seeds=seeds, output_positions=output_positions,
             step_id=step_id, placeholders=placeholders, returned_upto=self.returned_upto)
 
+    def requeue_all(self) -> None:
+        """The workers and their KV caches are gone: every running sequence goes back to the front of
+        the queue, in admission order, to be recomputed from prompt + tokens seen; all blocks are free."""
+        for seq in reversed(self.running):
+            seq.num_computed = seq.num_running = seq.steps_in_flight = seq.unseen = 0
+            seq.last_sampler = None
+            seq.status = Status.WAITING
+            self.waiting.appendleft(seq)
+        self.running.clear()
+        for rid in list(self.blocks.tables):
+            self.blocks.free(rid)
+        self.returned_upto = self.next_step_id - 1   # no later step refers to an earlier one
+
     def complete(self, mb: MicroBatch, token_ids: list[int], logprobs: list[float] | None) -> list[Sequence]:
         """Apply a returned micro-batch (steps return in order); returns the sequences that got a token."""
         self.returned_upto = mb.step.step_id

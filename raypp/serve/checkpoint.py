@@ -6,7 +6,7 @@ cluster started with `ray start`, it is that command's directory, so give absolu
 paths there).  `build_app` resolves it once, so every replica and worker sees the same
 absolute path.
 
-(`make_tiny_if_missing` is honoured by the engine: `raypp.runtime.engine.ensure_checkpoint`.)
+(`make_tiny_if_missing` is honoured by the engine: `raypp.runtime.checkpoint_dir.ensure_checkpoint`.)
 """
 from __future__ import annotations
 
