@@ -59,13 +59,21 @@ def test_silu_and_mul(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,head_dim", [(4, 16), (3, 64)])
-def test_rotary(heads, head_dim, dtype):
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(4, 4, 16), (6, 2, 64)])
+def test_rope_and_cache(q_heads, kv_heads, head_dim, dtype):
     positions = torch.tensor([0, 7, 3, 100, 2047], device=DEVICE)
     cos, sin = rope_cos_sin(positions, inv_frequencies(head_dim, 10000.0, None).to(DEVICE), dtype)
-    # A strided view, as the model passes a projection's output reshaped to heads.
-    x = rand(5, heads * head_dim + 8, dtype=dtype, seed=8)[:, : heads * head_dim].view(5, heads, head_dim)
-    assert_close(rotary.rotary(x, cos, sin), rotary.rotary_ref(x, cos, sin), dtype)
+    # Strided views, as the model passes each projection's output reshaped to heads.
+    q = rand(5, q_heads * head_dim + 8, dtype=dtype, seed=8)[:, : q_heads * head_dim].view(5, q_heads, head_dim)
+    k = rand(5, kv_heads * head_dim, dtype=dtype, seed=9).view(5, kv_heads, head_dim)
+    v = rand(5, kv_heads * head_dim, dtype=dtype, seed=10).view(5, kv_heads, head_dim)
+    slots = torch.tensor([12, 0, 5, 30, 6], device=DEVICE)
+    cache = rand(2, 32, kv_heads, head_dim, dtype=dtype, seed=11)  # random: untouched slots must stay
+    ref_cache = cache.clone()
+    out = rotary.rope_and_cache(q, k, v, cos, sin, cache[0], cache[1], slots)
+    ref = rotary.rope_and_cache_ref(q, k, v, cos, sin, ref_cache[0], ref_cache[1], slots)
+    assert_close(out, ref, dtype)
+    assert_close(cache, ref_cache, dtype)
 
 
 def paged_case(lens, q_heads, kv_heads, head_dim, block_size, dtype, seed):

@@ -101,12 +101,10 @@ class AttentionMetadata:
         return replace(self, **moved, prefills=prefills, plans={})
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D] of the new tokens; cache [2, slots, Hkv, D]. Returns [T, Hq, D]."""
-    k_cache, v_cache = cache[0], cache[1]  # views; indexing `cache[0, slots]` would copy the whole pool
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q [T, Hq, D] of the new tokens, whose K/V are already in cache [2, slots, Hkv, D]
+    (ops.rope_and_cache).  Returns [T, Hq, D]."""
+    k_cache, v_cache = cache[0], cache[1]
     if meta.decode_rows.numel() == q.shape[0]:  # a pure decode step: no gather, no scatter
         return ops.decode_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)

@@ -7,7 +7,8 @@ context (block-table width); each step copies that step's small metadata (positi
 block tables, lengths) into the graph's input buffers and replays.
 
 Capture runs the Triton kernels: the FlashInfer path plans on the host per step, which a
-captured graph would not repeat.
+captured graph would not repeat.  Warm-up and capture run a dummy token whose K/V land in
+cache slot 0, so a graph is made before the cache holds any sequence's data.
 """
 from __future__ import annotations
 

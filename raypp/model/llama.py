@@ -52,10 +52,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, meta: AttentionMetadata):
         t, hd = x.shape[0], self.head_dim
-        q = ops.apply_rope(self.q_proj(x).view(t, -1, hd), cos, sin)
-        k = ops.apply_rope(self.k_proj(x).view(t, -1, hd), cos, sin)
-        v = self.v_proj(x).view(t, -1, hd)
-        out = paged_attention(q, k, v, self.kv_cache, meta, scale=hd ** -0.5)
+        q, k, v = (proj(x).view(t, -1, hd) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q = ops.rope_and_cache(q, k, v, cos, sin, self.kv_cache, meta.slot_mapping)
+        out = paged_attention(q, self.kv_cache, meta, scale=hd ** -0.5)
         return self.o_proj(out.reshape(t, -1))
 
 
@@ -78,9 +77,16 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, cos, sin, meta):
-        normed, h = self.post_attention_layernorm.add_forward(self.self_attn(self.input_layernorm(h), cos, sin, meta), h)
-        return h + self.mlp(normed)
+    def forward(self, h, delta, cos, sin, meta):
+        """h: the residual stream; delta: the previous layer's MLP output, not yet added to it
+        (None for a stage's first layer).  Returns (h, this layer's MLP output): each residual
+        add happens inside the next RMSNorm, one fused kernel on CUDA."""
+        if delta is None:
+            normed = self.input_layernorm(h)
+        else:
+            normed, h = self.input_layernorm.add_forward(delta, h)
+        normed, h = self.post_attention_layernorm.add_forward(self.self_attn(normed, cos, sin, meta), h)
+        return h, self.mlp(normed)
 
 
 class Transformer(nn.Module):
@@ -117,8 +123,11 @@ class Transformer(nn.Module):
         if self.inv_freq.device != h.device:  # once: a per-step copy would also break CUDA graph capture
             self.inv_freq = self.inv_freq.to(h.device)
         cos, sin = rope_cos_sin(meta.positions, self.inv_freq, h.dtype)
+        delta = None
         for layer in self.layers.values():
-            h = layer(h, cos, sin, meta)
+            h, delta = layer(h, delta, cos, sin, meta)
+        if delta is not None:
+            h = h + delta
         if self.lm_head is None:
             return h
         return self.lm_head(self.norm(h[meta.logits_rows])).float()

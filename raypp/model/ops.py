@@ -59,10 +59,12 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return activation.silu_and_mul(gate, up)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    if backend(x.device) == "torch":
-        return rotary.rotary_ref(x, cos, sin)
-    return rotary.rotary(x, cos, sin)
+def rope_and_cache(q, k, v, cos, sin, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Rotates q and k, writes k and v into cache [2, slots, Hkv, D] at `slots`; returns q rotated."""
+    k_cache, v_cache = cache[0], cache[1]  # views; indexing `cache[0, slots]` would copy the whole pool
+    if backend(q.device) == "torch":
+        return rotary.rope_and_cache_ref(q, k, v, cos, sin, k_cache, v_cache, slots)
+    return rotary.rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float):

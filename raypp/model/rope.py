@@ -2,7 +2,7 @@
 
 Positions are explicit per token: a flat batch mixes prefill chunks and decode
 tokens of many sequences, so there is no "sequence axis" to infer them from.
-The rotation itself is `ops.apply_rope` (kernels/rotary.py).
+The rotation itself is `ops.rope_and_cache` (kernels/rotary.py), fused with the KV-cache write.
 """
 from __future__ import annotations
 

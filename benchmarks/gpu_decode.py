@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""raypp on one GPU: each kernel's achieved HBM bandwidth, and decode tokens/s against the
+weight-bytes roofline.
+
+    python benchmarks/gpu_decode.py [--preset 1b] [--batches 1,16] [--out benchmarks/results/gpu_decode.json]
+    python benchmarks/gpu_decode.py --dry-run --out /tmp/dry.json   # CPU, tiny shapes: the script runs
+
+1. Ceiling: a device-to-device copy of 2 GiB (bytes read + written over time).
+2. Kernels (bf16, shapes well past the L2): each Triton kernel and its torch reference,
+   median of CUDA-event timings, bandwidth = the fewest bytes the op must move / time.
+3. Decode: a checkpoint made like `raypp make-tiny` (preset `1b`: Llama-3.2-1B's layer
+   shapes, bf16), a PROMPT-token prefill, then STEPS greedy decode steps per batch size,
+   three ways: eager through the torch references, eager through the kernels, and the
+   kernels replayed as one CUDA graph per step (raypp.model.cuda_graph).  Every step builds
+   its metadata on the host and reads the sampled ids back, as the engine's worker does.
+   Roofline tokens/s = batch x copy bandwidth / (weight bytes + KV bytes read per step).
+
+--dry-run runs the same code on the CPU with tiny shapes (Triton's interpreter for the
+kernels); its numbers mean nothing, it checks that the GPU run will not fail on a typo.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kernels import activation, paged_attention, rmsnorm, rotary  # noqa: E402
+from raypp.model import ops  # noqa: E402
+from raypp.model.attention import AttentionMetadata  # noqa: E402
+from raypp.model.rope import inv_frequencies, rope_cos_sin  # noqa: E402
+
+TARGETS = {"kernel_hbm_fraction": 0.8, "batch1_roofline_fraction": 0.7}  # from the issue
+
+
+def timer(fn, device: str, warmup: int, reps: int) -> float:
+    """Median seconds of fn(): CUDA events on a GPU, the host clock on the CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str, nbytes: int, reps: int) -> float:
+    src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / timer(lambda: dst.copy_(src), device, 3, reps)
+
+
+def kernel_cases(device: str, dtype: torch.dtype, dry: bool) -> list[tuple]:
+    """(name, shape, kernel thunk, reference thunk, bytes the op must move)."""
+    def randn(*shape):
+        return torch.randn(*shape, device=device).to(dtype)
+
+    size = dtype.itemsize
+    t, d, inter = (8, 64, 96) if dry else (16384, 8192, 14336)
+    x, res, w = randn(t, d), randn(t, d), randn(d)
+    gate, up = randn(t, inter), randn(t, inter)
+    heads, kv_heads, hd = (4, 2, 16) if dry else (32, 8, 128)
+    q, k, v = randn(t, heads, hd), randn(t, kv_heads, hd), randn(t, kv_heads, hd)
+    cache = randn(2, t, kv_heads, hd)
+    slots = torch.randperm(t, device=device)
+    cos, sin = rope_cos_sin(torch.arange(t, device=device), inv_frequencies(hd, 1e4, None).to(device), dtype)
+    cases = [
+        ("rms_norm", f"{t}x{d}", lambda: rmsnorm.rms_norm(x, w, 1e-5), lambda: rmsnorm.rms_norm_ref(x, w, 1e-5),
+         2 * t * d * size),
+        ("add_rms_norm", f"{t}x{d}", lambda: rmsnorm.add_rms_norm(x, res, w, 1e-5),
+         lambda: rmsnorm.add_rms_norm_ref(x, res, w, 1e-5), 4 * t * d * size),
+        ("silu_and_mul", f"{t}x{inter}", lambda: activation.silu_and_mul(gate, up),
+         lambda: activation.silu_and_mul_ref(gate, up), 3 * t * inter * size),
+        ("rope_and_cache", f"{t}x({heads}+{kv_heads})x{hd}",
+         lambda: rotary.rope_and_cache(q, k, v, cos, sin, cache[0], cache[1], slots),
+         lambda: rotary.rope_and_cache_ref(q, k, v, cos, sin, cache[0], cache[1], slots),
+         (2 * q.numel() + 4 * k.numel() + t * hd) * size),  # q, k, v in and out; half of cos and of sin
+    ]
+    # Decode attention: many sequences (the grid fills the GPU) and one long one (it does not).
+    for batch, ctx in ([(2, 40)] if dry else [(64, 4096), (1, 32768)]):
+        q_heads, kv_heads, head_dim, bs = (4, 2, 16, 16) if dry else (32, 8, 128, 16)
+        blocks = (ctx + bs - 1) // bs
+        tables = torch.randperm(batch * blocks, device=device).view(batch, blocks).int()
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+        kc, vc = randn(batch * blocks * bs, kv_heads, head_dim), randn(batch * blocks * bs, kv_heads, head_dim)
+        qd = randn(batch, q_heads, head_dim)
+        args = (qd, kc, vc, tables, lens, ctx, bs, head_dim ** -0.5)
+        kv_bytes = 2 * batch * ctx * kv_heads * head_dim * size
+        cases.append((f"paged_decode_attention", f"B={batch} ctx={ctx} {q_heads}/{kv_heads}x{head_dim}",
+                      lambda a=args: paged_attention.paged_decode_attention(*a),
+                      lambda a=args: paged_attention.paged_decode_attention_ref(*a),
+                      kv_bytes + 2 * qd.numel() * size))
+    return cases
+
+
+def bench_kernels(device: str, dtype: torch.dtype, dry: bool, ceiling: float) -> list[dict]:
+    rows = []
+    for name, shape, kernel, ref, nbytes in kernel_cases(device, dtype, dry):
+        warm, reps = (1, 2) if dry else (5, 30)
+        tk, tr = timer(kernel, device, warm, reps), timer(ref, device, warm, reps)
+        rows.append(dict(kernel=name, shape=shape, bytes=nbytes, triton_us=tk * 1e6, torch_us=tr * 1e6,
+                         triton_gbps=nbytes / tk / 1e9, torch_gbps=nbytes / tr / 1e9,
+                         triton_frac_of_copy=nbytes / tk / ceiling, speedup=tr / tk))
+    return rows
+
+
+def load(path: str, dtype: torch.dtype, device: str, num_blocks: int, block_size: int):
+    from raypp.model.checkpoint import load_weights
+    from raypp.model.config import ModelConfig
+    from raypp.model.llama import Transformer
+
+    cfg = ModelConfig.from_dir(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    load_weights(model, path, dtype, device)
+    model.allocate_kv_cache(num_blocks, block_size)
+    return model
+
+
+@torch.inference_mode()
+def decode_run(model, mode: str, batch: int, prompt: int, steps: int, block_size: int, device: str) -> dict:
+    """Prefill `batch` prompts, then `steps` greedy decode steps; returns the decode tokens/s."""
+    from raypp.model.cuda_graph import DecodeGraph
+
+    blocks = (prompt + steps + block_size) // block_size  # one spare: step k+1's metadata is built early
+    tables = [[b * blocks + j for j in range(blocks)] for b in range(batch)]
+    vocab = model.lm_head.weight.shape[0]
+    ids = torch.randint(3, vocab, (batch * prompt,), generator=torch.Generator().manual_seed(0)).to(device)
+    with ops.use("torch" if mode == "eager-torch" else "triton"):
+        # Captured before the prefill: capture writes its dummy tokens' K/V into slot 0.
+        graph = DecodeGraph(model, batch, blocks, block_size) if mode == "graph" else None
+        meta = AttentionMetadata.build([prompt] * batch, [prompt] * batch, tables, block_size)
+        next_ids = model(ids, meta).argmax(-1)
+        out = []
+
+        def metadata(k: int) -> AttentionMetadata:  # decode step k's, on the device
+            return AttentionMetadata.build([1] * batch, [prompt + k + 1] * batch, tables, block_size).to(device)
+
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        meta = metadata(0)
+        for k in range(steps):
+            logits = graph(next_ids, meta) if graph else model(next_ids, meta)
+            next_ids = logits.argmax(-1)  # stays on the device as the next step's input
+            # The next step's metadata does not depend on the sampled ids: the host builds it
+            # while the GPU runs this step (as the engine schedules a step before it has seen
+            # the previous one's tokens).
+            meta = metadata(k + 1)
+            out.append(next_ids.tolist())  # the sampled ids: the one host sync per step
+        elapsed = time.perf_counter() - t
+    return dict(mode=mode, batch=batch, steps=steps, step_ms=elapsed / steps * 1e3,
+                tokens_per_s=batch * steps / elapsed, first_ids=[row[0] for row in out[:8]])
+
+
+def decode_bench(args, device: str, dtype: torch.dtype, ceiling: float) -> tuple[dict, list[dict]]:
+    from raypp.model.tiny import make_checkpoint
+
+    preset = "tiny" if args.dry_run else args.preset
+    block_size, batches = 16, [1, 2] if args.dry_run else [int(b) for b in args.batches.split(",")]
+    prompt, steps = (8, 4) if args.dry_run else (args.prompt, args.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        path = make_checkpoint(Path(tmp) / preset, preset=preset, seed=0,
+                               dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+        made_s = time.perf_counter() - t
+        blocks_per_seq = (prompt + steps + block_size) // block_size
+        model = load(str(path), dtype, device, max(batches) * blocks_per_seq, block_size)
+    cfg = model.cfg
+    params = sum(p.numel() for p in model.parameters())
+    # Decode reads every weight once per step, except the embedding table (one row a token).
+    weight_bytes = (params - model.embed_tokens.weight.numel()) * dtype.itemsize
+    info = dict(preset=preset, params=params, weight_bytes=weight_bytes, checkpoint_made_s=made_s,
+                prompt=prompt, steps=steps, layers=cfg.num_layers, hidden=cfg.hidden_size)
+    modes = ["eager-torch", "eager-triton"] + (["graph"] if device == "cuda" else [])
+    rows = []
+    for batch in batches:
+        mean_ctx = prompt + (steps + 1) / 2
+        kv_bytes = 2 * batch * mean_ctx * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+        roofline = batch * ceiling / (weight_bytes + kv_bytes)
+        for mode in modes:
+            r = decode_run(model, mode, batch, prompt, steps, block_size, device)
+            r.update(roofline_tokens_per_s=roofline, frac_of_roofline=r["tokens_per_s"] / roofline)
+            rows.append(r)
+            model.allocate_kv_cache(max(batches) * blocks_per_seq, block_size)  # fresh cache per run
+    return info, rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="1b")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--steps", type=int, default=128)
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes")
+    p.add_argument("--skip-kernels", action="store_true")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_decode.json"))
+    args = p.parse_args(argv)
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --dry-run on the CPU", file=sys.stderr)
+        return 2
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    torch.manual_seed(0)
+    result = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
+                  torch=torch.__version__, triton=__import__("triton").__version__,
+                  flashinfer=ops.HAS_FLASHINFER, dtype=str(dtype), targets=TARGETS)
+    ceiling = copy_bandwidth(device, (1 << 20) if args.dry_run else (2 << 30), 3 if args.dry_run else 20)
+    result["copy_gbps"] = ceiling / 1e9
+    if not args.skip_kernels:
+        result["kernels"] = bench_kernels(device, dtype, args.dry_run, ceiling)
+    result["model"], result["decode"] = decode_bench(args, device, dtype, ceiling)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"\n{result['device']}: copy {result['copy_gbps']:.0f} GB/s (read + write)")
+    for r in result.get("kernels", []):
+        print(f"{r['kernel']:24s} {r['shape']:34s} triton {r['triton_us']:9.1f} us {r['triton_gbps']:7.0f} GB/s "
+              f"({r['triton_frac_of_copy']:.0%} of copy)  torch {r['torch_us']:9.1f} us  x{r['speedup']:.2f}")
+    m = result["model"]
+    print(f"model {m['preset']}: {m['params'] / 1e9:.3f} B params, {m['weight_bytes'] / 1e9:.2f} GB read per step")
+    for r in result["decode"]:
+        print(f"decode batch {r['batch']:3d} {r['mode']:13s} {r['step_ms']:7.3f} ms/step {r['tokens_per_s']:9.1f} tok/s"
+              f"  roofline {r['roofline_tokens_per_s']:9.1f}  ({r['frac_of_roofline']:.0%})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
