@@ -149,11 +149,11 @@ def test_slo_filters_choice():
     wl = Workload(dtype="bf16", concurrency=64, input_len=1000, output_len=200)
     cands = plan(m, cluster(), wl, Options(priority="throughput"))
     free = cands[0]
-    fastest = min(c.prediction.itl for c in cands if c.fits)
-    assert fastest < free.prediction.itl   # the throughput pick is not the lowest-ITL layout
-    tight = plan(m, cluster(), wl, Options(priority="throughput", max_itl_ms=fastest * 1e3 * 1.001))[0]
-    assert tight.meets_slo and tight.prediction.itl == pytest.approx(fastest)
-    none = plan(m, cluster(), wl, Options(priority="throughput", max_itl_ms=fastest * 1e3 * 0.5))[0]
+    fastest = min(c.prediction.ttft for c in cands if c.fits)
+    assert fastest < free.prediction.ttft   # the throughput pick is not the lowest-TTFT layout
+    tight = plan(m, cluster(), wl, Options(priority="throughput", max_ttft_ms=fastest * 1e3 * 1.001))[0]
+    assert tight.meets_slo and tight.prediction.ttft == pytest.approx(fastest)
+    none = plan(m, cluster(), wl, Options(priority="throughput", max_ttft_ms=fastest * 1e3 * 0.5))[0]
     assert not none.meets_slo and any("no layout meets" in f.message for f in none.flags)
 
 

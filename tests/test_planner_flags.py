@@ -73,5 +73,7 @@ def test_unbalanced_stages_and_the_fix():
     balanced = run(model="llama-3-8b", tp=1, pp=4)
     assert str(list(balanced.layout.stage_layers)) in msg and "lm_head" in msg
     assert "unbalanced" not in codes(balanced)
-    assert balanced.layout.stage_layers[-1] < 8 and sum(balanced.layout.stage_layers) == 32
+    # stage 0 also pays the per-step cost (scheduling, input preparation): it gets fewest layers
+    split = balanced.layout.stage_layers
+    assert split[-1] < max(split[1:-1]) and split[0] == min(split) and sum(split) == 32
     assert balanced.prediction.itl < c.prediction.itl

@@ -54,18 +54,18 @@ def pipeline_flags(layout: Layout, pred: Prediction, max_bubble: float,
                         f"stage idles {pred.bubble:.0%} of the time; PP pays off with concurrency >= "
                         f"{layout.pp} (or use TP for latency)"))
     if pred.bubble > max_bubble:
-        idle = pred.bubble * pred.itl
+        idle = pred.bubble * pred.round
         cause = (f"{pred.micro_batches} micro-batch(es) for {layout.pp} stages" if pred.micro_batches < layout.pp
                  else "the slowest stage and the stage-to-stage sends set the pace")
         if filled is not None:
             # Memory-bound decode re-reads the weights per micro-batch, so filling the
             # pipeline buys less than the bubble suggests; say how much it does buy.
             fix = (f"{filled.micro_batches} micro-batches would give bubble {filled.bubble:.0%}, ITL "
-                   f"{_ms(filled.itl)}, {filled.throughput / pred.throughput - 1:+.0%} throughput")
+                   f"{_ms(filled.round)} per round, {filled.throughput / pred.throughput - 1:+.0%} throughput")
         else:
             fix = f"needs >= {layout.pp} sequences in flight to fill"
         out.append(Flag("bubble", f"pipeline bubble {pred.bubble:.0%} > {max_bubble:.0%} at this load "
-                        f"({_ms(idle)} idle per stage in each {_ms(pred.itl)} round; {cause}); {fix}"))
+                        f"({_ms(idle)} idle per stage in each {_ms(pred.round)} round; {cause}); {fix}"))
     return out
 
 

@@ -32,15 +32,17 @@ class Link:
 class Efficiency:
     """Fractions of peak that real serving kernels reach.
 
-    GPU defaults are `calibration.fit()` over 23 published measurements (bw
-    capped at 0.90: STREAM-like kernels reach ~90% of HBM peak, and above that
-    the fit only trades bandwidth against the decode overhead)."""
+    GPU defaults are `calibration.fit()` over the 23 published measurements of
+    `measurements.CALIBRATION` (bw capped at 0.90: STREAM-like kernels reach ~90%
+    of HBM peak, and above that the fit only trades bandwidth against the decode
+    overhead).  `raypp calibrate` fits them to a live deployment instead."""
     bw: float = 0.90              # weight/KV streaming vs HBM peak (decode GEMV, paged attention)
     flops16: float = 0.64         # large bf16/fp16 GEMMs (prefill) vs dense tensor peak
     flops8: float = 0.52          # large fp8 GEMMs vs dense fp8 peak
     link: float = 0.60            # NCCL bus bandwidth vs link peak
     layer_overhead_prefill: float = 180e-6   # s per layer per forward: launches, norms, rope, sync
-    layer_overhead_decode: float = 80e-6     # s per layer per step (CUDA graphs make this smaller)
+    layer_overhead_decode: float = 60e-6     # s per layer per step (CUDA graphs make this smaller)
+    step_overhead: float = 1e-3              # s per decode step: scheduling, input preparation, sampling
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ LINKS: dict[str, Link] = {l.name: l for l in [
 _A100 = "NVIDIA A100 Tensor Core GPU datasheet (nvidia.com, 2021): BF16/FP16 312 TFLOPS dense"
 _H100 = "NVIDIA H100 Tensor Core GPU datasheet (nvidia.com, 2023)"
 _CPU_EFF = Efficiency(bw=1.0, flops16=1.0, flops8=1.0, link=1.0,
-                      layer_overhead_prefill=200e-6, layer_overhead_decode=200e-6)
+                      layer_overhead_prefill=200e-6, layer_overhead_decode=200e-6,
+                      step_overhead=1e-3)   # order of the driver's per-step time; `raypp calibrate` measures it
 
 DEVICES: dict[str, Device] = {d.name: d for d in [
     Device("a100-sxm-40gb", 40 * GB, 1555 * GB, {"bf16": 312 * T, "fp16": 312 * T, "fp32": 19.5 * T},

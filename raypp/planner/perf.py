@@ -5,8 +5,13 @@ run as separate kernels one after another:
   linear layers   max(weight bytes / (BW*eta_bw), FLOPs / (peak*eta_flops))
   attention       max(KV bytes / (BW*eta_bw), FLOPs / (peak16*eta_flops16))
   lm_head         the same roofline, on the last stage only
-  TP all-reduce   2 per layer (Megatron-LM): latency + 2(n-1)/n * bytes / (link*eta_link)
+  TP all-reduce   2 per layer (Megatron-LM): startup + 2(n-1)/n * bytes / (link*eta_link); the
+                  startup is one hop on a switch (NVSwitch: one-shot all-reduce) and n-1 hops
+                  on a ring (PCIe, networks, gloo), so it grows with TP where there is no switch
   overhead        per layer per forward (launches, norms, RoPE; CUDA graphs in decode)
+  step overhead   once per forward of a micro-batch (scheduling, input preparation, sampling),
+                  on stage 0: with one micro-batch it adds to every token, with m >= p it
+                  hides behind the other stages
   PP send         latency + hidden states / link, between consecutive stages
 The eta's and overheads are fitted to published measurements (calibration.py).
 
@@ -40,11 +45,16 @@ def _peak16(dev: Device, dtype: str) -> float:
 
 
 def all_reduce_time(n: int, nbytes: float, link: Link, eff: float) -> float:
-    """Ring all-reduce (Patarasuk & Yuan, 2009): 2(n-1)/n of the data crosses each link;
-    latency grows like log2(n) with NCCL's tree/LL protocols at small sizes."""
+    """Ring all-reduce (Patarasuk & Yuan, 2009): 2(n-1)/n of the data crosses each link.
+
+    `link.latency` is the startup of one collective between two ranks.  Behind a switch
+    (NVSwitch) small messages go one-shot -- every rank reads every peer at once, as
+    TensorRT-LLM's and vLLM's custom all-reduce do -- so the startup does not grow with
+    n; on a ring (PCIe through the host, networks, gloo) it is paid once per hop."""
     if n <= 1:
         return 0.0
-    return link.latency * math.ceil(math.log2(n)) + 2 * (n - 1) / n * nbytes / (link.bandwidth * eff)
+    hops = 1 if link.kind == "nvlink" else n - 1
+    return link.latency * hops + 2 * (n - 1) / n * nbytes / (link.bandwidth * eff)
 
 
 def send_time(nbytes: float, link: Link, eff: float) -> float:
@@ -78,6 +88,10 @@ def stage_forward(shape: StageShape, stage: int, layout: Layout, cluster: Cluste
     kv_read = seqs * (context + new_tokens) * shape.kv_bytes_per_token
     t_attn = max(kv_read / bw, tokens * attended * shape.attn_flops_per_token_ctx / _peak16(dev, wl.dtype))
     overhead = shape.layers * (eff.layer_overhead_prefill if prefill else eff.layer_overhead_decode)
+    if stage == 0 and not prefill:
+        # A serving loop schedules, prepares inputs and samples once per decode step, whatever
+        # the depth; prefill's per-forward costs are inside the fitted per-layer prefill overhead.
+        overhead += eff.step_overhead
     act = tokens * shape.hidden * wl.act_bytes
     t_ar = 2 * shape.layers * all_reduce_time(layout.tp, act, layout.tp_link(cluster), eff.link)
     last = stage == layout.pp - 1
@@ -89,7 +103,8 @@ def stage_forward(shape: StageShape, stage: int, layout: Layout, cluster: Cluste
 @dataclass(frozen=True)
 class Prediction:
     ttft: float            # s, prompt of input_len through every stage, + half a round under load
-    itl: float             # s, one decode round: every running sequence gets one token
+    itl: float             # s, mean gap between a sequence's tokens: a round + the others' prefill stalls
+    round: float           # s, one decode round: every running sequence gets one token
     throughput: float      # output tokens/s of one replica, prefill work amortized
     bubble: float          # fraction of stage time idle in steady decode
     concurrency: int       # sequences the replica actually runs (KV cache may cap it)
@@ -118,6 +133,9 @@ def predict(shapes, layout, cluster, wl, concurrency: int) -> Prediction:
     A slot's life is output_len rounds plus the stall its own prefill causes;
     over that life all `concurrency` slots are refilled once, so
     throughput = c * output_len / (output_len * round + c * slowest-stage prefill per prompt).
+    A sequence's own prefill is its TTFT; the other c - 1 prefills of its life stall
+    its decode, so the ITL a client measures ((end - first token) / tokens) is
+    round + (c - 1) * stall / output_len: under load, prefill as much as decode sets it.
     """
     c = max(1, concurrency)
     m = layout.micro_batches(c, wl.micro_batches)
@@ -129,7 +147,8 @@ def predict(shapes, layout, cluster, wl, concurrency: int) -> Prediction:
     stall = max(t.total for t in (pre if k == 1 else prefill(shapes, layout, cluster, wl, seqs=k))) / k
     life = wl.output_len * round_t + c * stall
     ttft = sum(t.total for t in pre) + (round_t / 2 if c > 1 else 0.0)
-    return Prediction(ttft, round_t, c * wl.output_len / life, bubble, c, m, st, pre)
+    itl = round_t + (c - 1) * stall / wl.output_len
+    return Prediction(ttft, itl, round_t, c * wl.output_len / life, bubble, c, m, st, pre)
 
 
 def static_batch_throughput(shapes, layout, cluster, wl, batch: int) -> float:

@@ -49,14 +49,18 @@ class Options:
 
 
 def split_costs(model: ModelSpec, tp: int, cluster: Cluster, wl: Workload, batch: int) -> tuple[float, float, float]:
-    """Decode-step time of (one layer, the embedding, the lm_head + final norm) on one TP rank."""
+    """Decode-step time of (one layer, stage 0's own work, the lm_head + final norm) on one TP rank.
+
+    Stage 0's own work is the embedding lookup and the per-step cost (scheduling, input
+    preparation), so the balanced split gives stage 0 fewer layers when that cost is large."""
     two = Layout(tp, 2, (1, 1))
     first, last = stage_shapes(model, two, wl)
     ctx = wl.input_len + wl.output_len / 2
     t_first = stage_forward(first, 0, two, cluster, wl, batch, 1, ctx, False)
     t_last = stage_forward(last, 1, two, cluster, wl, batch, 1, ctx, False)
-    layer = t_first.compute + t_first.all_reduce
-    embed = batch * model.hidden * wl.embed_bytes / (cluster.device.bandwidth * cluster.device.efficiency.bw)
+    eff = cluster.device.efficiency
+    layer = t_first.compute + t_first.all_reduce - eff.step_overhead   # stage 0 of `two` pays it once
+    embed = batch * model.hidden * wl.embed_bytes / (cluster.device.bandwidth * eff.bw) + eff.step_overhead
     return layer, embed, max(t_last.compute + t_last.all_reduce - layer, 0.0)
 
 
