@@ -6,8 +6,9 @@
 Each round sends one decode `StepInput` of 16 sequences (as the engine does at PP=2 with 32
 requests in two micro-batches) to every actor and waits for all their small replies; the
 actors do nothing else, so the round trip is Ray's own cost.  Measured: wall time and the
-driver's CPU time per round, for `ray.put` + one `.remote()` per actor (raypp's executor)
-and for the same actors behind `ray.dag` compiled with shared-memory channels.
+driver's CPU time per round, for `ray.put` + one `.remote()` per actor, for the step passed
+by value in each call (inlined in the task: raypp's executor), and for the same actors behind
+`ray.dag` compiled with shared-memory channels.
 """
 from __future__ import annotations
 
@@ -72,6 +73,8 @@ def main() -> int:
             ref = ray.put(step)
             ray.get([a.execute.remote(ref) for a in actors])
         out["plain_actor_calls"] = timed(plain, args.steps)
+        out["plain_actor_calls_by_value"] = timed(lambda: ray.get([a.execute.remote(step) for a in actors]),
+                                                  args.steps)
         with InputNode() as inp:
             dag = MultiOutputNode([a.execute.bind(inp) for a in actors])
         try:
