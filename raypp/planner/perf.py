@@ -144,7 +144,10 @@ def predict(shapes, layout, cluster, wl, concurrency: int) -> Prediction:
     # Arriving prompts are prefilled together up to the token budget of one forward
     # (vLLM's max_num_batched_tokens), which spreads weight reads and per-layer overhead.
     k = max(1, min(c, wl.prefill_chunk // max(wl.input_len, 1)))
-    stall = max(t.total for t in (pre if k == 1 else prefill(shapes, layout, cluster, wl, seqs=k))) / k
+    batch_pre = [t.total for t in (pre if k == 1 else prefill(shapes, layout, cluster, wl, seqs=k))]
+    # A full pipeline overlaps a prefill with other micro-batches' work, so it costs the slowest
+    # stage; with fewer micro-batches than stages the pipeline idles and the prefill costs its fill.
+    stall = max(max(batch_pre), sum(batch_pre) / min(m, layout.pp)) / k
     life = wl.output_len * round_t + c * stall
     ttft = sum(t.total for t in pre) + (round_t / 2 if c > 1 else 0.0)
     itl = round_t + (c - 1) * stall / wl.output_len
