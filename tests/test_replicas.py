@@ -1,5 +1,6 @@
 """Several replicas: each owns its pipeline (placement groups, process groups), and a worker
 killed in one replica costs that replica a rebuild while every request still succeeds."""
+import json
 import os
 import signal
 import threading
@@ -77,6 +78,47 @@ def test_two_replicas_serve_and_survive_a_killed_worker(tmp_path, tiny_ckpt):
                 assert len(after) == 2 and len(set(after) & before) == 1, (before, after)
                 assert statuses and set(statuses) == {200}, statuses
                 assert "rebuilt" in server.log_text()
+            finally:
+                ray.shutdown()
+    finally:
+        head.stop()
+
+
+def test_health_reads_rebuilding_while_a_stream_pauses_and_resumes(tmp_path, tiny_ckpt):
+    config = load_deployment("tiny_cpu.yaml")
+    app_args(config)["model"] = {"path": str(tiny_ckpt), "served_name": "tiny"}
+    app_args(config)["parallel"].update(tp=1)
+    head = RayHead(tmp_path, num_cpus=4)
+    try:
+        head.start()
+        with ServeRun(config, tmp_path / "serve", address=head.address, ready_timeout_s=300) as server:
+            ray.init(address=head.address, log_to_driver=False)
+            try:
+                body = {"model": "tiny", "prompt": "once upon a time", "max_tokens": 200, "temperature": 0,
+                        "ignore_eos": True}
+                reference = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=300).json()
+                seen: list[str] = []
+                with httpx.stream("POST", f"{server.base_url}/v1/completions", json={**body, "stream": True},
+                                  timeout=300) as r:
+                    text = ""
+                    for line in r.iter_lines():
+                        if line.startswith("data: {"):
+                            text += json.loads(line[6:])["choices"][0]["text"]
+                        if len(text) > 20 and not seen:
+                            pid = next(a["Pid"] for a in ray._private.state.actors().values()
+                                       if a["ActorClassName"] == "StageActor" and a["State"] == "ALIVE")
+                            os.kill(pid, signal.SIGKILL)
+                            deadline = time.monotonic() + 60
+                            while time.monotonic() < deadline and "rebuilding" not in seen:
+                                h = httpx.get(f"{server.base_url}/health", timeout=10)
+                                seen.append(h.json()["status"])
+                                if h.status_code == 503:
+                                    assert h.headers["retry-after"] == "5"
+                                time.sleep(0.05)
+                    assert text == reference["choices"][0]["text"]
+                assert "rebuilding" in seen
+                h = httpx.get(f"{server.base_url}/health", timeout=10).json()
+                assert h["status"] == "ok" and h["rebuilds"] == 1
             finally:
                 ray.shutdown()
     finally:

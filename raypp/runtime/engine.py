@@ -316,6 +316,11 @@ class Engine:
             self._failure = e
             self._ensure_loop()
 
+    @property
+    def state(self) -> str:
+        """"ok", "rebuilding" (after a worker failure; requests wait) or "dead" (no rebuild left)."""
+        return "dead" if self.error is not None else "rebuilding" if self.rebuilding else "ok"
+
     def stats(self) -> EngineStats:
         return EngineStats(
             running=len(self.scheduler.running),

@@ -15,6 +15,7 @@ import os
 from dataclasses import asdict
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
@@ -82,9 +83,16 @@ class LLMServer:
         return await self.serving.chat(body)
 
     @api.get("/health")
-    async def health(self) -> dict:
-        """200 while this replica's engine is up (Serve's own health check is `check_health`)."""
-        return {"status": "ok", "model": self.serving.served_name}
+    async def health(self):
+        """200 while this replica serves; 503 with Retry-After while its pipeline is being rebuilt
+        after a worker failure (requests wait meanwhile), or once it is dead.  Serve's own health
+        check is `check_health`, which passes during a rebuild so that Serve does not replace a
+        replica that is recovering by itself."""
+        state = self.engine.state
+        body = {"status": state, "model": self.serving.served_name, "rebuilds": self.engine.rebuilds}
+        if state == "ok":
+            return body
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
     @api.get("/stats")
     async def stats(self) -> dict:
