@@ -11,7 +11,7 @@ from ray.cluster_utils import Cluster
 from raypp.config import DeploymentConfig
 from raypp.model.config import ModelConfig
 from raypp.runtime.engine import Engine, EngineDeadError
-from tests.reference import greedy, random_prompts
+from tests.reference import random_prompts
 from tests.test_rebuild import run_with_fault, tokens
 
 pytestmark = pytest.mark.slow
