@@ -166,8 +166,11 @@ def decode_run(model, mode: str, batch: int, prompt: int, steps: int, block_size
             meta = metadata(k + 1)
             out.append(next_ids.tolist())  # the sampled ids: the one host sync per step
         elapsed = time.perf_counter() - t
-    return dict(mode=mode, batch=batch, steps=steps, step_ms=elapsed / steps * 1e3,
-                tokens_per_s=batch * steps / elapsed, first_ids=[row[0] for row in out[:8]])
+    row = dict(mode=mode, batch=batch, steps=steps, step_ms=elapsed / steps * 1e3,
+               tokens_per_s=batch * steps / elapsed, first_ids=[r[0] for r in out[:8]])
+    if graph:  # the device's time for one step, without the host's part
+        row["replay_ms"] = timer(graph.graph.replay, device, 3, 20) * 1e3
+    return row
 
 
 def decode_bench(args, device: str, dtype: torch.dtype, ceiling: float) -> tuple[dict, list[dict]]:
@@ -238,7 +241,8 @@ def main(argv=None) -> int:
     print(f"model {m['preset']}: {m['params'] / 1e9:.3f} B params, {m['weight_bytes'] / 1e9:.2f} GB read per step")
     for r in result["decode"]:
         print(f"decode batch {r['batch']:3d} {r['mode']:13s} {r['step_ms']:7.3f} ms/step {r['tokens_per_s']:9.1f} tok/s"
-              f"  roofline {r['roofline_tokens_per_s']:9.1f}  ({r['frac_of_roofline']:.0%})")
+              f"  roofline {r['roofline_tokens_per_s']:9.1f}  ({r['frac_of_roofline']:.0%})"
+              + (f"  replay alone {r['replay_ms']:.3f} ms" if "replay_ms" in r else ""))
     return 0
 
 

@@ -56,6 +56,9 @@ def test_add_rms_norm(dtype):
 def test_silu_and_mul(dtype):
     g, u = rand(9, 333, dtype=dtype, seed=6), rand(9, 333, dtype=dtype, seed=7)
     assert_close(activation.silu_and_mul(g, u), activation.silu_and_mul_ref(g, u), dtype)
+    # The two halves of one fused gate/up product: strided rows.
+    g, u = rand(4, 2 * 300, dtype=dtype, seed=12).split(300, dim=-1)
+    assert_close(activation.silu_and_mul(g, u), activation.silu_and_mul_ref(g, u), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -105,6 +108,15 @@ def test_paged_decode_attention(lens, q_heads, kv_heads, head_dim, block_size, d
     assert_close(out, paged_attention.paged_decode_attention_ref(*args), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_decode_attention_split_context(dtype):
+    """Flash-decoding: the context split over 4 programs, one sequence so short that three
+    of its splits are empty."""
+    args = paged_case([300, 20], 8, 2, 32, 16, dtype, seed=21)
+    out = paged_attention.paged_decode_attention(*args, splits=4)
+    assert_close(out, paged_attention.paged_decode_attention_ref(*args), dtype)
+
+
 def test_default_backend_is_torch_on_cpu_and_can_be_forced():
     assert ops.backend(torch.device("cpu")) == "torch"
     with ops.use("triton"):
@@ -144,12 +156,15 @@ def run_steps(model, prompts, decode_steps):
 
 
 def test_model_through_triton_kernels_matches_torch_path(tiny_ckpt):
-    """The dispatch point, both ways: a prefill step (rmsnorm, rotary, silu) and decode steps
-    (the paged kernel) of the tiny model give the same logits through kernels and references."""
+    """The dispatch point, both ways: a prefill step (rmsnorm, rope + cache write, silu) and
+    decode steps (the paged kernel) of the tiny model give the same logits through kernels
+    and references; so do the fused q/k/v and gate/up products that CUDA loads use."""
     model = load_model(tiny_ckpt, torch.float32, DEVICE)
     prompts = [[5, 9, 200, 31, 7], [44, 3, 3, 1000, 17, 18, 19, 20, 600]]
     with ops.use("torch"):
         ref = run_steps(model, prompts, decode_steps=2)
+    if DEVICE == "cpu":
+        model.fuse_projections()  # a CUDA load has done it already
     model.allocate_kv_cache(num_blocks=16, block_size=16)
     with ops.use("triton"):
         out = run_steps(model, prompts, decode_steps=2)

@@ -115,4 +115,6 @@ def load_weights(model: nn.Module, path: str | Path, dtype: torch.dtype, device:
         owner, _, leaf = name.rpartition(".")
         new = nn.Parameter(t.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
         setattr(model.get_submodule(owner), leaf, new)
+    if torch.device(device).type == "cuda":
+        model.fuse_projections()
     return reader.bytes_read
