@@ -170,7 +170,25 @@ def decode_run(model, mode: str, batch: int, prompt: int, steps: int, block_size
                tokens_per_s=batch * steps / elapsed, first_ids=[r[0] for r in out[:8]])
     if graph:  # the device's time for one step, without the host's part
         row["replay_ms"] = timer(graph.graph.replay, device, 3, 20) * 1e3
+        row["replay_kernels"] = kernel_profile(graph.graph.replay)
     return row
+
+
+def kernel_profile(fn, top: int = 12) -> list[dict]:
+    """Device time per kernel name over one call of fn (CUPTI sees the kernels inside a graph)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    try:  # a profiler that cannot attach here must not cost the measurements above
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+    except RuntimeError as e:
+        return [dict(kernel=f"profiler failed: {e}"[:80], calls=0, us=0.0)]
+    rows = [dict(kernel=e.key[:80], calls=e.count, us=e.self_device_time_total) for e in prof.key_averages()
+            if e.self_device_time_total > 0]
+    return sorted(rows, key=lambda r: -r["us"])[:top]
 
 
 def decode_bench(args, device: str, dtype: torch.dtype, ceiling: float) -> tuple[dict, list[dict]]:
@@ -243,6 +261,11 @@ def main(argv=None) -> int:
         print(f"decode batch {r['batch']:3d} {r['mode']:13s} {r['step_ms']:7.3f} ms/step {r['tokens_per_s']:9.1f} tok/s"
               f"  roofline {r['roofline_tokens_per_s']:9.1f}  ({r['frac_of_roofline']:.0%})"
               + (f"  replay alone {r['replay_ms']:.3f} ms" if "replay_ms" in r else ""))
+    for r in result["decode"]:
+        if r["mode"] == "graph" and r["batch"] == 1:
+            print("batch-1 graph replay, device time by kernel:")
+            for k in r["replay_kernels"]:
+                print(f"  {k['us']:8.1f} us  {k['calls']:4d} x  {k['kernel']}")
     return 0
 
 
