@@ -68,7 +68,8 @@ class RayHead:
     def start(self) -> "RayHead":
         cmd = [str(RAY_BIN), "start", "--head", "--block", "--disable-usage-stats", "--include-dashboard=false",
                f"--port={self.port}", f"--metrics-export-port={self.metrics_port}",
-               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+               f"--ray-client-server-port={free_port()}", f"--dashboard-port={free_port()}",
+               f"--dashboard-agent-listen-port={free_port()}",
                f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
                f"--num-cpus={self.num_cpus}", "--object-store-memory=200000000", f"--temp-dir={self.temp_dir}"]
         self._log = open(self.workdir / "ray_head.log", "wb")
