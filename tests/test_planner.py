@@ -181,3 +181,18 @@ def test_cli_user_errors_are_one_line(capsys):
     assert err.count("\n") == 1 and "known:" in err
     assert main(["plan", "--model", "llama-3-70b", "--gpu", "h100-sxm", "--tp", "3"]) == 2
     assert main(["plan", "--model", "llama-3-70b", "--gpu", "h100-sxm", "--input-len", "9000"]) == 2
+
+
+def test_explanation_names_the_latency_and_throughput_picks_with_numbers(capsys):
+    args = ["plan", "--model", "llama-3.1-405b", "--gpu", "h200", "--dtype", "fp8", "--concurrency", "512",
+            "--input-len", "2048", "--output-len", "128", "--priority", "throughput"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    fast = next(line for line in out.splitlines() if "lowest latency (" in line)
+    most = next(line for line in out.splitlines() if "more throughput (" in line)
+    assert "ms/token at concurrency 512" in fast
+    # the 405B pipeline wins throughput because PP overlaps prefill and needs no all-reduce
+    assert "PP" in most.split(":")[0] and "because" in most and "prefill" in most
+    assert main(["plan", "--model", "llama-3-70b", "--gpu", "h100-sxm", "--nodes", "2", "--concurrency", "64",
+                 "--priority", "throughput"]) == 0
+    assert "lowest latency (" in capsys.readouterr().out

@@ -105,6 +105,7 @@ class Prediction:
     ttft: float            # s, prompt of input_len through every stage, + half a round under load
     itl: float             # s, mean gap between a sequence's tokens: a round + the others' prefill stalls
     round: float           # s, one decode round: every running sequence gets one token
+    stall: float           # s, decode time one prompt's prefill takes from the replica
     throughput: float      # output tokens/s of one replica, prefill work amortized
     bubble: float          # fraction of stage time idle in steady decode
     concurrency: int       # sequences the replica actually runs (KV cache may cap it)
@@ -151,7 +152,7 @@ def predict(shapes, layout, cluster, wl, concurrency: int) -> Prediction:
     life = wl.output_len * round_t + c * stall
     ttft = sum(t.total for t in pre) + (round_t / 2 if c > 1 else 0.0)
     itl = round_t + (c - 1) * stall / wl.output_len
-    return Prediction(ttft, itl, round_t, c * wl.output_len / life, bubble, c, m, st, pre)
+    return Prediction(ttft, itl, round_t, stall, c * wl.output_len / life, bubble, c, m, st, pre)
 
 
 def static_batch_throughput(shapes, layout, cluster, wl, batch: int) -> float:

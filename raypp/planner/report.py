@@ -1,6 +1,8 @@
 """The plan in words, as a table, and as JSON (one object per layout, chosen first)."""
 from __future__ import annotations
 
+import math
+
 from raypp.planner.layout import Workload
 from raypp.planner.strategy import Candidate, Options
 
@@ -85,6 +87,7 @@ def explain(cands: list[Candidate], wl: Workload, opts: Options, gpu_name: str) 
         lines.append(f"  Runner-up {r.layout.name}: {r.throughput:,.0f} tok/s "
                      f"({r.throughput / best.throughput - 1:+.0%}), ITL {rp.itl * 1e3:.2f} ms "
                      f"({rp.itl / p.itl - 1:+.0%}), TTFT {rp.ttft * 1e3:.1f} ms.")
+    lines += tradeoff(fitting, wl)
     if not best.meets_slo:
         lines.append("  No layout meets the SLO (--max-itl-ms/--max-ttft-ms); shown is the best by priority.")
     for f in best.flags:
@@ -93,3 +96,40 @@ def explain(cands: list[Candidate], wl: Workload, opts: Options, gpu_name: str) 
     if misfits:
         lines.append(f"  {misfits} layout(s) do not fit in memory (listed under the table).")
     return lines
+
+
+def _ar_share(c: Candidate) -> float:
+    st = c.prediction.decode_stages
+    return sum(t.all_reduce for t in st) / sum(t.total for t in st)
+
+
+def tradeoff(fitting: list[Candidate], wl: Workload) -> list[str]:
+    """The latency pick against the throughput pick, in the terms raypp's rules are stated in:
+    all-reduce share, prefill stalls, KV-cache capacity and data-parallel replicas."""
+    fast = min(fitting, key=lambda c: (c.prediction.itl, -c.throughput))
+    most = max(fitting, key=lambda c: (c.throughput, -c.prediction.itl))
+    fp = fast.prediction
+    head = f"  {fast.layout.name}: lowest latency ({fp.itl * 1e3:.2f} ms/token at concurrency {wl.concurrency})"
+    if most is fast:
+        return [head + ", and the highest throughput."]
+    mp = most.prediction
+    why = []
+    asked = math.ceil(wl.concurrency / fast.layout.replicas)
+    if fp.concurrency < asked:
+        why.append(f"{fast.layout.name}'s KV cache holds {fp.concurrency} sequences per replica, not {asked}")
+    if _ar_share(fast) > _ar_share(most) + 0.05:
+        why.append(f"TP all-reduces take {_ar_share(fast):.0%} of {fast.layout.name}'s decode step and "
+                   f"{_ar_share(most):.0%} of {most.layout.name}'s")
+    if mp.stall < 0.8 * fp.stall:
+        why.append(f"a prompt's prefill holds up decoding {mp.stall * 1e3:.1f} ms on {most.layout.name} against "
+                   f"{fp.stall * 1e3:.1f} ms on {fast.layout.name}"
+                   + (" (the pipeline overlaps it with other micro-batches)" if most.layout.pp > 1 else ""))
+    if most.layout.replicas > fast.layout.replicas:
+        why.append(f"{most.layout.name} runs {most.layout.replicas} replicas, each batching "
+                   f"{mp.concurrency} sequences")
+    if not why:
+        why.append(f"its decode round serves {mp.concurrency} sequences in {mp.round * 1e3:.2f} ms against "
+                   f"{fp.concurrency} in {fp.round * 1e3:.2f} ms")
+    return [head + ";",
+            f"  {most.layout.name}: {most.throughput / fast.throughput - 1:.0%} more throughput "
+            f"({most.throughput:,.0f} against {fast.throughput:,.0f} tok/s) because " + "; ".join(why) + "."]
