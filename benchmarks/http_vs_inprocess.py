@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import platform
-import random
 import resource
 import statistics
 import sys
@@ -38,15 +37,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from raypp.benchmark import make_prompts  # noqa: E402
+from raypp.client import AsyncClient  # noqa: E402
 from raypp.runtime.stats import EngineStats  # noqa: E402
 from tests.serve_helpers import ServeRun, app_args, load_deployment  # noqa: E402
 
 MODES = ("in_process", "http_json", "http_stream")
-
-
-def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
 
 
 def engine_delta(before: EngineStats, after: EngineStats) -> dict:
@@ -107,29 +103,22 @@ class OverHTTP:
         self.base_url, self.model, self.max_tokens, self.stream = base_url, model, max_tokens, stream
 
     async def measure(self, prompts, warmup, concurrency):
-        import httpx
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=600, limits=limits) as client:
+        async with AsyncClient(self.base_url, model=self.model, max_retries=0,
+                               max_connections=concurrency) as client:
             async def submit(p) -> int:
-                body = {"model": self.model, "prompt": p, "max_tokens": self.max_tokens, "temperature": 0,
-                        "ignore_eos": True, "stream": self.stream}
+                fields = {"max_tokens": self.max_tokens, "temperature": 0, "ignore_eos": True}
                 if not self.stream:
-                    r = await client.post("/v1/completions", json=body)
-                    r.raise_for_status()
-                    return r.json()["usage"]["completion_tokens"]
-                body["stream_options"] = {"include_usage": True}
+                    return (await client.complete(p, **fields)).usage.completion_tokens
                 usage = 0
-                async with client.stream("POST", "/v1/completions", json=body) as r:
-                    r.raise_for_status()
-                    async for line in r.aiter_lines():
-                        if line.startswith('data: {') and '"usage":{' in line:
-                            usage = json.loads(line[6:])["usage"]["completion_tokens"]
+                async for chunk in await client.complete(p, **fields, stream=True):
+                    if chunk.usage is not None:
+                        usage = chunk.usage.completion_tokens
                 return usage
 
             await run_load(submit, warmup, concurrency)
-            before = EngineStats.from_json((await client.get("/stats")).json())
+            before = await client.stats()
             result = await run_load(submit, prompts, concurrency)
-            result["engine"] = engine_delta(before, EngineStats.from_json((await client.get("/stats")).json()))
+            result["engine"] = engine_delta(before, await client.stats())
             return result
 
 
@@ -186,8 +175,8 @@ def main(argv=None) -> int:
     args["model"]["path"] = str(ckpt)
     ensure_checkpoint(parse_args(args))
     vocab = ModelConfig.from_dir(ckpt).vocab_size
-    prompts = make_prompts(a.requests, a.prompt_len, vocab, seed=0)
-    warmup = make_prompts(8, a.prompt_len, vocab, seed=1)
+    prompts = make_prompts(vocab, a.requests, a.prompt_len, seed=0)
+    warmup = make_prompts(vocab, 8, a.prompt_len, seed=1)
     model = args["model"].get("served_name") or ckpt.name
 
     # One cluster for both paths; logical CPUs sized so that both pipelines fit at once.

@@ -125,7 +125,7 @@ def compare(raypp: dict, peers: dict) -> dict:
 
 def run_sandwich(args, sandwich: list[str], raypp_run, log, t0: float) -> int:
     """raypp, peer 1, raypp, peer 2, raypp, ...: each peer against the mean of its two neighbours."""
-    from raypp.runtime import bench
+    from raypp import benchmark as bench
 
     seq = []
 
@@ -211,7 +211,7 @@ def main() -> int:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
-    from raypp.runtime import bench
+    from raypp import benchmark as bench
 
     bench.check_model_dir(args.model)
     torch.set_num_threads(args.threads)

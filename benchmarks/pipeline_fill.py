@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline_scaling import CONCURRENCY, INPUT_LEN, OUTPUT_LEN, TOKEN_BUDGET, Layout, measure_against_ref  # noqa: E402
 
-from raypp.runtime import bench  # noqa: E402
+from raypp import benchmark as bench  # noqa: E402
 
 LAYOUTS = {  # name: (pp, micro_batches or None for the default, cpus per worker)
     "PP2-mb1": (2, 1, 1.0),

@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from raypp.runtime import bench  # noqa: E402
+from raypp import benchmark as bench  # noqa: E402
 
 CONCURRENCY, INPUT_LEN, OUTPUT_LEN = 32, 128, 64
 PLANNER_LOADS = [(1, 128, 128), (8, 128, 128)]  # (concurrency, input, output) of docs/planner.md

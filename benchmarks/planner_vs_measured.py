@@ -32,7 +32,7 @@ from raypp.planner.layout import Cluster, Layout, Workload
 from raypp.planner.live_fit import Phase, fit, hardware_yaml
 from raypp.planner.models import PRESETS
 from raypp.planner.strategy import Options, evaluate
-from raypp.runtime.bench import host_info, make_config, make_prompts, open_engine, run_load
+from raypp.benchmark import host_info, make_config, make_prompts, open_engine, run_load
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = DEVICES["cpu-epyc-2core"]

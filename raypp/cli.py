@@ -15,7 +15,7 @@ from raypp.errors import UserError
 COMMANDS = {
     "make-tiny": ("raypp.model.tiny", "write a deterministic Llama checkpoint (HF format) with a tokenizer"),
     "plan": ("raypp.planner.command", "choose TP x PP for a model, a cluster and a priority"),
-    "bench": ("raypp.runtime.bench", "measure throughput, latency and bubble time of a layout"),
+    "bench": ("raypp.benchmark.command", "measure a server over HTTP, a layout in-process, or layouts side by side"),
     "calibrate": ("raypp.calibrate", "fit the planner's hardware factors to a live deployment; write --hardware"),
 }
 

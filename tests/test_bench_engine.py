@@ -1,4 +1,4 @@
-"""`raypp bench` runs end to end on the tiny checkpoint (TP = PP = 1, in-process) and writes
+"""`raypp bench engine` runs end to end on the tiny checkpoint (TP = PP = 1, in-process) and writes
 valid JSON (+ a PNG); a bad --model is a one-line user error."""
 import json
 
@@ -9,7 +9,7 @@ from raypp.cli import main
 
 def test_bench_tiny_writes_json(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "res" / "bench.json"
-    rc = main(["bench", "--model", str(tiny_ckpt), "--concurrency", "4", "--input-len", "16",
+    rc = main(["bench", "engine", "--model", str(tiny_ckpt), "--concurrency", "4", "--input-len", "16",
                "--output-len", "6", "--reps", "1", "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
@@ -32,6 +32,6 @@ def test_bench_tiny_writes_json(tiny_ckpt, tmp_path, capsys):
     (["--tp", "0"], "--tp must be >= 1"),
 ])
 def test_bench_user_errors(tmp_path, capsys, extra, msg):
-    rc = main(["bench", "--model", str(tmp_path), "--out", str(tmp_path / "x.json"), *extra])
+    rc = main(["bench", "engine", "--model", str(tmp_path), "--out", str(tmp_path / "x.json"), *extra])
     assert rc == 2
     assert msg in capsys.readouterr().err
