@@ -83,11 +83,15 @@ def test_tp_beyond_kv_heads_replicates_kv():
 def test_hf_config_matches_preset(tmp_path):
     cfg = {"hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
            "intermediate_size": 28672, "vocab_size": 128256, "tie_word_embeddings": False,
-           "max_position_embeddings": 8192, "model_type": "llama"}
+           "max_position_embeddings": 8192, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     m = from_hf_config(tmp_path)
     assert m.params == PRESETS["llama-3-70b"].params
     assert get_model(str(tmp_path / "config.json")).kv_heads == 8
+    # the runtime's parser reads it, so what the runtime rejects the planner rejects too
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(UserError, match="not supported"):
+        from_hf_config(tmp_path)
 
 
 @pytest.mark.parametrize("spelling,canonical", [
@@ -196,3 +200,13 @@ def test_explanation_names_the_latency_and_throughput_picks_with_numbers(capsys)
     assert main(["plan", "--model", "llama-3-70b", "--gpu", "h100-sxm", "--nodes", "2", "--concurrency", "64",
                  "--priority", "throughput"]) == 0
     assert "lowest latency (" in capsys.readouterr().out
+
+
+def test_raypps_own_presets_are_the_checkpoints_make_tiny_writes():
+    from raypp.model import tiny
+    for name, cfg in tiny.PRESETS.items():
+        m = PRESETS[name]
+        assert (m.hidden, m.layers, m.heads, m.kv_heads, m.intermediate, m.vocab, m.hd, m.tied) == (
+            cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+            cfg["intermediate_size"], cfg["vocab_size"], cfg["head_dim"], cfg["tie_word_embeddings"])
+

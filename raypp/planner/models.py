@@ -2,7 +2,9 @@
 
 Only the Llama family's shape matters here (GQA attention, gated MLP, RMSNorm):
 parameter count, bytes of KV cache per token and FLOPs per token all follow
-from eight integers.  Presets copy the published `config.json` of each model.
+from eight integers.  Presets copy the published `config.json` of each model;
+raypp's own (`tiny`, `small`, `1b`) and local checkpoints go through the model's
+own parser (`raypp.model.config.ModelConfig`), so there is one reading of a config.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raypp.errors import UserError
+from raypp.model import tiny
+from raypp.model.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -79,9 +83,6 @@ PRESETS: dict[str, ModelSpec] = {m.name: m for m in [
     # mistralai/Mistral-7B-v0.1, Qwen/Qwen2-72B config.json
     ModelSpec("mistral-7b", 4096, 32, 32, 8, 14336, 32000, max_position=32768),
     ModelSpec("qwen2-72b", 8192, 80, 64, 8, 29568, 152064, max_position=32768, qkv_bias=True),
-    # raypp's own deterministic checkpoints (raypp/model/tiny.py)
-    ModelSpec("tiny", 256, 8, 16, 8, 768, 2048, tied=True, head_dim=16, max_position=2048),
-    ModelSpec("small", 1024, 8, 16, 8, 2816, 4096, max_position=2048),
 ]}
 
 _ALIASES = {"llama-3-405b": "llama-3.1-405b", "llama-3.3-70b": "llama-3.1-70b",
@@ -99,22 +100,31 @@ def normalize_name(name: str) -> str:
 
 
 def from_hf_config(path: str | Path) -> ModelSpec:
+    """Shapes of a local checkpoint, read by the model's own parser (`raypp.model.config`), so
+    the planner accepts exactly the configs the runtime runs and rejects the rest alike."""
     p = Path(path)
     cfg_path = p / "config.json" if p.is_dir() else p
     try:
-        c = json.loads(cfg_path.read_text())
-        heads = int(c["num_attention_heads"])
-        return ModelSpec(
-            name=p.name if p.is_dir() else p.parent.name, hidden=int(c["hidden_size"]),
-            layers=int(c["num_hidden_layers"]), heads=heads, kv_heads=int(c.get("num_key_value_heads") or heads),
-            intermediate=int(c["intermediate_size"]), vocab=int(c["vocab_size"]),
-            tied=bool(c.get("tie_word_embeddings", False)), head_dim=int(c.get("head_dim") or 0),
-            max_position=int(c.get("max_position_embeddings", 4096)),
-            qkv_bias=bool(c.get("attention_bias", c.get("model_type") == "qwen2")))
+        raw = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read model config {cfg_path}: {e}") from None
+    try:
+        c = ModelConfig.from_hf(raw, source=str(cfg_path))
     except KeyError as e:
         raise UserError(f"{cfg_path} lacks {e}: only Llama-family configs are understood") from None
+    return _spec(p.name if p.is_dir() else p.parent.name, c)
+
+
+def _spec(name: str, c: ModelConfig) -> ModelSpec:
+    return ModelSpec(name=name, hidden=c.hidden_size, layers=c.num_layers, heads=c.num_heads,
+                     kv_heads=c.num_kv_heads, intermediate=c.intermediate_size, vocab=c.vocab_size,
+                     tied=c.tie_word_embeddings, head_dim=c.head_dim, max_position=c.max_position_embeddings,
+                     qkv_bias=c.qkv_bias)
+
+
+# raypp's own deterministic checkpoints: the config.json `raypp make-tiny` writes, through the same parser.
+PRESETS.update({name: _spec(name, ModelConfig.from_hf(tiny.make_config(name, p["vocab_size"])))
+                for name, p in tiny.PRESETS.items()})
 
 
 def get_model(name_or_path: str) -> ModelSpec:
