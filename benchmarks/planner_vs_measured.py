@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The planner's predictions for raypp's own CPU runs, against measurements, after calibration.
 
-    python benchmarks/planner_vs_measured.py [--ckpt checkpoints/small] [--layouts 1x1,2x1,1x2,2x2] [--calibrate-layout 2x2] \
-        [--itl-concurrency 1] [--sat-concurrency 16] [--input-len 64] [--output-len 64] \
+    python benchmarks/planner_vs_measured.py [--ckpt checkpoints/small] [--layouts 1x1,2x1,1x2,2x2] \
+        [--calibrate-layout 2x2] [--itl-concurrency 1] [--sat-concurrency 16] [--input-len 64] [--output-len 64] \
         [--out benchmarks/results/planner_vs_measured.json]
 
 Run it on a quiet machine: every number is a wall-clock time on shared cores.

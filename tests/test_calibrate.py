@@ -115,8 +115,9 @@ def test_calibrate_writes_a_hardware_file_plan_accepts(fake_url, tmp_path, capsy
     devices, _ = load_yaml(out)
     eff = devices["cpu-epyc-2core-calibrated"].efficiency
     assert eff.link == pytest.approx(TRUE.link, rel=0.15) and eff != DEVICES["cpu-epyc-2core"].efficiency
-    assert main(["plan", "--model", "small", "--gpu", "cpu-epyc-2core-calibrated", "--hardware", str(out), "--gpus-per-node",
-                 "4", "--dtype", "fp32", "--tp", "2", "--pp", "2", "--concurrency", "8", "--json"]) == 0
+    assert main(["plan", "--model", "small", "--gpu", "cpu-epyc-2core-calibrated", "--hardware", str(out),
+                 "--gpus-per-node", "4", "--dtype", "fp32", "--tp", "2", "--pp", "2", "--concurrency", "8",
+                 "--json"]) == 0
     (plan,) = json.loads(capsys.readouterr().out)
     assert plan["tp"] == 2 and plan["pp"] == 2 and math.isfinite(plan["itl_ms"])
 
