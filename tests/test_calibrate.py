@@ -11,7 +11,7 @@ import pytest
 from raypp.cli import main
 from raypp.planner.hardware import DEVICES, LINKS, load_yaml
 from raypp.planner.layout import Cluster, Layout
-from raypp.planner.live_fit import Phase, _per_step, fit, rows
+from raypp.planner.live_fit import Phase, _per_step, fit, predicted_phase, rows
 from raypp.planner.models import PRESETS
 from raypp.runtime.stats import EngineStats, RequestStats, StageStats
 from serve_helpers import ServeRun, load_deployment
@@ -27,10 +27,11 @@ def cluster(eff):
 
 
 def synthetic_phase(c, requests=16, isl=32, osl=32, eff=TRUE):
-    """What an engine whose hardware has factors `eff` would report for one phase."""
+    """What an engine whose hardware has factors `eff` would report for one phase (no wall clock:
+    only the stage fit applies)."""
     m = 2
     steps = [requests + requests * osl // max(1, c // m)] * 2
-    ph = Phase(c, m, isl, osl, requests, steps, [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], requests * osl, 1.0)
+    ph = Phase(c, m, isl, osl, requests, steps, [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], requests * osl, 0.0)
     per = _per_step(SMALL, LAYOUT, cluster(eff), ph, "fp32")
     return replace(ph, compute_s=[n * p[0] for n, p in zip(steps, per)],
                    comm_s=[n * p[1] for n, p in zip(steps, per)])
@@ -47,6 +48,21 @@ def test_fit_reproduces_the_measurements_and_predicts_another_load():
     # a load it was not fitted to: the per-stage times follow
     other = synthetic_phase(4)
     assert all(abs(r.error) <= 0.10 for r in rows(SMALL, LAYOUT, cluster(got), [other], "fp32"))
+
+
+def test_fit_raises_the_step_cost_to_what_the_wall_clock_shows():
+    # the stages were busy as TRUE says, but each phase took longer: a driver cost outside the stages
+    start = cluster(DEVICES["cpu-epyc-2core"].efficiency)
+    phases = []
+    for c in (1, 8):
+        ph = synthetic_phase(c)
+        slow = predicted_phase(SMALL, LAYOUT, cluster(replace(TRUE, step_overhead=0.02)), ph, "fp32")
+        phases.append(replace(ph, tokens=ph.tokens, wall_s=ph.tokens / slow.throughput))
+    got = fit(SMALL, LAYOUT, start, phases, "fp32")
+    assert got.step_overhead > TRUE.step_overhead
+    for ph in phases:
+        pred = predicted_phase(SMALL, LAYOUT, cluster(got), ph, "fp32").throughput
+        assert pred == pytest.approx(ph.tokens / ph.wall_s, rel=0.10)
 
 
 def test_fit_without_steps_says_what_to_do():

@@ -9,6 +9,8 @@ that minimise the worst |log(predicted / measured)| over every stage and phase:
                      (+ the per-step cost on stage 0), decode and prefill steps mixed
                      in the proportions the phase ran them
   comm per step      TP all-reduces + the send to the next stage, fitted as eta_link
+  throughput         tokens / wall clock of each phase: raises the per-step cost by what
+                     happens outside the stages (driver, inter-process hops)
 
 Pure arithmetic: the HTTP side lives in raypp/calibrate.py.
 """
@@ -124,6 +126,17 @@ def fit(model: ModelSpec, layout: Layout, cluster: Cluster, phases: list[Phase],
         link = min(_geom(0.05, 4.0, 40), key=lambda e: _worst(
             rows(model, layout, with_eff(replace(best, link=e)), phases, dtype), "comm"))
         best = replace(best, link=link)
+    # The wall clock also holds what no stage's busy time does: the driver's scheduling and the
+    # hops of inputs and sampled ids between processes.  The per-step cost is raised until the
+    # phases' throughput matches, never below what stage 0's own time showed.
+    timed = [ph for ph in phases if ph.wall_s > 0 and ph.tokens > 0]
+    if timed:
+        def thr_err(step: float) -> float:
+            c = with_eff(replace(best, step_overhead=step))
+            return max(abs(math.log(predicted_phase(model, layout, c, ph, dtype).throughput * ph.wall_s / ph.tokens))
+                       for ph in timed)
+        steps = [best.step_overhead] + [x for x in _geom(1e-5, 0.5, 80) if x > best.step_overhead]
+        best = replace(best, step_overhead=min(steps, key=thr_err))
     return best
 
 
