@@ -64,7 +64,6 @@ def variable(name: str, query: str) -> dash.QueryVariable:
 
 
 def build() -> dict:
-    stage_busy, stage_bubble = M.STAGE_BUSY, M.STAGE_BUBBLE
     d = (dash.Dashboard("raypp").uid("raypp").tags(["raypp", "llm", "ray"]).refresh("10s").time("now-30m", "now")
          .tooltip(DashboardCursorSync.CROSSHAIR)
          .description("raypp serving: throughput, latency, queue, KV cache, and per-stage pipeline bubble.")
@@ -94,8 +93,8 @@ def build() -> dict:
                          "raise kv_memory_gb or lower max_num_seqs."))
          .with_row(dash.Row("Pipeline"))
          .with_panel(panel("Stage time: busy vs bubble", "percentunit", [
-             (_rate(stage_busy, "stage"), "stage {{stage}} busy"),
-             (_rate(stage_bubble, "stage"), "stage {{stage}} bubble")], stacked=True,
+             (_rate(M.STAGE_BUSY, "stage"), "stage {{stage}} busy"),
+             (_rate(M.STAGE_BUBBLE, "stage"), "stage {{stage}} bubble")], stacked=True,
              description="Seconds per second of each stage: busy (compute + comm) and bubble (idle or waiting "
                          "for another stage). Summed over replicas: a stage of R replicas totals R."))
          .with_panel(panel("Bubble ratio per stage", "percentunit", [

@@ -170,9 +170,9 @@ def test_one_micro_batch_at_pp2_reads_half_bubble(live):
               for sa, sb in zip(a.stages, b.stages)]
     shown = [{k: round(v, 3) for k, v in d.items()} for d in deltas]
     for d in deltas:
-        assert d["bubble_s"] / (d["busy_s"] + d["bubble_s"]) == pytest.approx(0.5, abs=0.15), shown
+        assert d["bubble_s"] / (d["busy_s"] + d["bubble_s"]) == pytest.approx(0.5, abs=0.2), shown
     # The gauge Prometheus stores (30 s window) says the same near the end of the load.
     ratios = live.prom.query(f"max by (stage) ({M.STAGE_BUBBLE_RATIO.exported})", at=live.load_end - 2)
     assert len(ratios) == 2
     for r in ratios:
-        assert float(r["value"][1]) == pytest.approx(0.5, abs=0.15), r
+        assert float(r["value"][1]) == pytest.approx(0.5, abs=0.2), r
