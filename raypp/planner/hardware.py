@@ -19,8 +19,9 @@ T = 1e12
 @dataclass(frozen=True)
 class Link:
     """One hop between devices.  `bandwidth` is bytes/s per direction per device
-    (what a ring all-reduce can push); `latency` is the fixed cost of one
-    collective or send (NCCL launch + protocol), in seconds."""
+    (what a ring all-reduce can push); `latency` is the fixed cost of one send or
+    of a collective between two ranks (NCCL launch + protocol), in seconds; a ring
+    of n ranks pays it n-1 times, an NVSwitch one-shot all-reduce once (perf.py)."""
     name: str
     kind: str  # "nvlink" | "pcie" | "network" | "loopback"
     bandwidth: float
@@ -60,9 +61,9 @@ class Device:
 
 
 # Links.  NVLink/PCIe per-direction bandwidth = vendor's bidirectional figure / 2.
-# Latencies are the small-message cost of one NCCL collective (order of the
-# NCCL-tests all-reduce latency on such links, ~5-30 us); they matter only at
-# decode batch sizes and are checked by the ITL calibration points.
+# Latencies are the small-message cost of one NCCL collective between two ranks
+# (order of the NCCL-tests all-reduce latency on such links, ~5-30 us); they matter
+# only at decode batch sizes and are checked by the ITL calibration points.
 LINKS: dict[str, Link] = {l.name: l for l in [
     Link("nvlink3", "nvlink", 300 * GB, 6e-6, "A100 datasheet: NVLink 3, 600 GB/s bidirectional per GPU"),
     Link("nvlink4", "nvlink", 450 * GB, 6e-6, "H100/H200 datasheet: NVLink 4, 900 GB/s bidirectional per GPU"),
