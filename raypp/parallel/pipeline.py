@@ -11,7 +11,7 @@ import torch
 from raypp.model.config import ModelConfig
 from raypp.model.llama import Transformer
 from raypp.parallel.layout import Layout
-from raypp.parallel.tp import apply_tp
+from raypp.parallel.tp import AllReduce, apply_tp
 
 
 def keep_stage(model: Transformer, layers: range, first: bool, last: bool) -> Transformer:
@@ -26,9 +26,10 @@ def keep_stage(model: Transformer, layers: range, first: bool, last: bool) -> Tr
     return model
 
 
-def build_stage_module(cfg: ModelConfig, layout: Layout, stage: int, tp_rank: int, tp_group=None) -> Transformer:
+def build_stage_module(cfg: ModelConfig, layout: Layout, stage: int, tp_rank: int,
+                       all_reduce: AllReduce | None = None) -> Transformer:
     """The (stage, tp_rank) shard of the model, on the meta device, ready for `load_weights`."""
     with torch.device("meta"):
         model = Transformer(cfg)
     keep_stage(model, layout.layers_of(stage), first=stage == 0, last=stage == layout.pp - 1)
-    return apply_tp(model, tp_rank, layout.tp, tp_group)
+    return apply_tp(model, tp_rank, layout.tp, all_reduce)

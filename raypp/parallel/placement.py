@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 
-import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from raypp.config import ParallelSection

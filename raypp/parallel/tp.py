@@ -13,10 +13,14 @@ reads just that slice from the checkpoint.
 """
 from __future__ import annotations
 
-import torch.distributed as dist
+from typing import Callable
+
+import torch
 from torch import nn
 
 from raypp.model.llama import Transformer
+
+AllReduce = Callable[[torch.Tensor], None]
 
 
 def _narrow(linear: nn.Linear, dim: int, start: int, stop: int) -> nn.Linear:
@@ -29,14 +33,16 @@ def _narrow(linear: nn.Linear, dim: int, start: int, stop: int) -> nn.Linear:
     return new
 
 
-def _all_reduce_hook(group):
+def _all_reduce_hook(all_reduce: AllReduce):
     def hook(_module, _inputs, output):
-        dist.all_reduce(output, group=group)
+        all_reduce(output)
         return output
     return hook
 
 
-def apply_tp(model: Transformer, rank: int, size: int, group=None) -> Transformer:
+def apply_tp(model: Transformer, rank: int, size: int, all_reduce: AllReduce | None = None) -> Transformer:
+    """Shards `model` for TP rank `rank` of `size`; `all_reduce` sums a tensor in place over the TP
+    group (torch.distributed's, or parallel/shm_allreduce.py's on one host)."""
     cfg, hd = model.cfg, model.cfg.head_dim
     q_per_rank = cfg.num_heads // size
     if cfg.num_kv_heads >= size:
@@ -56,6 +62,6 @@ def apply_tp(model: Transformer, rank: int, size: int, group=None) -> Transforme
         mlp.up_proj = _narrow(mlp.up_proj, 0, rank * inter, (rank + 1) * inter)
         mlp.down_proj = _narrow(mlp.down_proj, 1, rank * inter, (rank + 1) * inter)
         if size > 1:
-            attn.register_forward_hook(_all_reduce_hook(group))
-            mlp.register_forward_hook(_all_reduce_hook(group))
+            attn.register_forward_hook(_all_reduce_hook(all_reduce))
+            mlp.register_forward_hook(_all_reduce_hook(all_reduce))
     return model

@@ -118,7 +118,7 @@ class RayExecutor:
                 actor.setup.remote(rank, layout.world_size, address, threads, backend, par.step_timeout_s, dict(
                     model_path=model_path, dtype=config.model.dtype, layout=layout, stage=rank // layout.tp,
                     tp_rank=rank % layout.tp, num_blocks=num_blocks, block_size=config.scheduler.block_size,
-                    device=par.device))
+                    device=par.device, timeout_s=par.step_timeout_s))
                 for rank, actor in enumerate(self.actors)]
             try:
                 self.worker_info = ray.get(setups, timeout=par.setup_timeout_s)
