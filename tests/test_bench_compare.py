@@ -19,6 +19,7 @@ def test_compare_tp1_and_pp2(tiny_ckpt, tmp_path, capsys):
         assert r["batch1_ms_per_token"] > 0 and r["saturated_tok_s"] > 0
         assert r["batch1_tok_s"] == pytest.approx(1e3 / r["batch1_ms_per_token"])
         assert len(r["bubble_ratio"]) == r["pp"] and all(0 <= b <= 1 for b in r["bubble_ratio"])
+        assert r["predicted_batch1_ms_per_token"] > 0 and r["predicted_saturated_tok_s"] > 0
     assert png.stat().st_size > 1000
     assert "saturated tok/s" in capsys.readouterr().out
 

@@ -8,7 +8,9 @@ faster, pipeline parallelism makes the system serve more.
 Per layout: batch-1 decode latency (ms/token, the peers' formula) and saturated throughput
 (`--concurrency` requests in flight, output tok/s with prefill, and in the steady decode
 window), TTFT/ITL p50 and the per-stage bubble.  Every layout runs on Ray actors (one
-`--cpus-per-worker` each), so TP1 pays the same call path as the others.
+`--cpus-per-worker` each), so TP1 pays the same call path as the others.  Beside each row,
+the planner's prediction for the same layout and load on `--planner-device` (its hardware
+catalog; uncalibrated unless the catalog's factors were fitted with `raypp calibrate`).
 """
 from __future__ import annotations
 
@@ -61,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=3, help="repetitions of the batch-1 latency measurement")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (torch threads) per worker")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--planner-device", default="cpu-epyc-2core",
+                   help="the planner's device for the predicted columns (a `raypp plan --gpu` name)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--plot", default=None, help="write a PNG here")
 
@@ -77,26 +81,56 @@ class LayoutResult:
     ttft_p50_ms: float | None
     itl_p50_ms: float | None
     bubble_ratio: list[float]
+    predicted_batch1_ms_per_token: float | None
+    predicted_saturated_tok_s: float | None
 
     @property
     def batch1_tok_s(self) -> float:
         return 1e3 / self.batch1_ms_per_token
 
 
-async def _measure(engine, layout: LayoutName, config, prompts, args) -> LayoutResult:
+def predict(model_dir, layout: LayoutName, device: str, concurrency: int, args) -> tuple[float | None, float | None]:
+    """The planner's (batch-1 ms/token, output tok/s at `concurrency`) for this layout, on one
+    node of `device`; None where the layout does not fit there."""
+    from raypp.planner.hardware import DEVICES, LINKS
+    from raypp.planner.layout import Cluster, Layout, Workload
+    from raypp.planner.models import from_hf_config
+    from raypp.planner.strategy import Options, evaluate
+
+    if device not in DEVICES:
+        raise UserError(f"--planner-device {device}: not in the planner's catalog ({', '.join(DEVICES)})")
+    dev = DEVICES[device]
+    spec = from_hf_config(model_dir)
+    cluster = Cluster(dev, layout.tp * layout.pp, 1, LINKS[dev.intra_link], LINKS[dev.network])
+    dtype = "fp32" if args.device == "cpu" else "bf16"   # what make_config's dtype "auto" loads
+
+    def one(c: int):
+        wl = Workload(dtype=dtype, kv_dtype=dtype, concurrency=c, input_len=args.input_len,
+                      output_len=args.output_len)
+        return evaluate(spec, Layout(layout.tp, layout.pp, ()), cluster, wl,
+                        Options(tp=layout.tp, pp=layout.pp)).prediction
+
+    batch1, loaded = one(1), one(concurrency)
+    return (batch1.itl * 1e3 if batch1 else None), (loaded.throughput if loaded else None)
+
+
+async def _measure(engine, layout: LayoutName, config, prompts, args, predicted) -> LayoutResult:
     lat = await decode_latency(engine, prompts[0], args.output_len, args.reps)
     load = (await run_load(engine, prompts, args.output_len, args.concurrency, len(prompts),
                            label=f" {layout.name}")).to_json()
     return LayoutResult(layout.name, layout.tp, layout.pp, config.micro_batches, lat["decode_ms_per_token"],
                         load["output_tok_s"], load["steady_decode_tok_s"], load["ttft_ms"].get("p50"),
-                        load["itl_ms"].get("p50"), load["bubble_ratio_steady"] or load["bubble_ratio_run"])
+                        load["itl_ms"].get("p50"), load["bubble_ratio_steady"] or load["bubble_ratio_run"],
+                        *predicted)
 
 
 COLUMNS = [
     Column("layout", lambda r: r.layout),
     Column("workers", lambda r: str(r.tp * r.pp)),
     Column("batch-1 ms/tok", lambda r: fmt(r.batch1_ms_per_token, ".2f")),
+    Column("(planner)", lambda r: fmt(r.predicted_batch1_ms_per_token, ".2f")),
     Column("saturated tok/s", lambda r: fmt(r.saturated_tok_s)),
+    Column("(planner)", lambda r: fmt(r.predicted_saturated_tok_s)),
     Column("steady tok/s", lambda r: fmt(r.steady_decode_tok_s)),
     Column("TTFT p50", lambda r: fmt(r.ttft_p50_ms)),
     Column("ITL p50", lambda r: fmt(r.itl_p50_ms)),
@@ -110,10 +144,16 @@ def plot_compare(results: list[LayoutResult], title: str, path) -> str | None:
         return None
     fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
     names = [r.layout for r in results]
-    ax[0].bar(names, [r.batch1_ms_per_token for r in results], color="tab:blue")
-    ax[0].set(ylabel="ms / token (lower is better)", title="batch-1 decode latency")
-    ax[1].bar(names, [r.saturated_tok_s for r in results], color="tab:green")
-    ax[1].set(ylabel="output tokens / s (higher is better)", title="saturated throughput")
+    for a, measured, predicted, ylabel, title in (
+            (ax[0], "batch1_ms_per_token", "predicted_batch1_ms_per_token", "ms / token (lower is better)",
+             "batch-1 decode latency"),
+            (ax[1], "saturated_tok_s", "predicted_saturated_tok_s", "output tokens / s (higher is better)",
+             "saturated throughput")):
+        a.bar(names, [getattr(r, measured) for r in results], color="tab:blue", label="measured")
+        a.scatter(names, [getattr(r, predicted) or float("nan") for r in results], color="tab:orange",
+                  marker="D", zorder=3, label="planner")
+        a.set(ylabel=ylabel, title=title)
+        a.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     return _save(fig, plt, path)
 
@@ -130,12 +170,13 @@ def run(args) -> int:
     budget = max(512, args.concurrency * args.input_len)
     results = []
     for layout in args.layouts:
+        predicted = predict(model, layout, args.planner_device, args.concurrency, args)
         config = make_config(model, tp=layout.tp, pp=layout.pp, device=args.device,
                              cpus_per_worker=args.cpus_per_worker, max_num_seqs=args.concurrency,
                              max_model_len=args.input_len + args.output_len, max_tokens_per_micro_batch=budget)
         with open_engine(config, use_ray=True, ray_num_cpus=max(1, round(layout.tp * layout.pp
                                                                         * args.cpus_per_worker))) as engine:
-            results.append(asyncio.run(_measure(engine, layout, config, prompts, args)))
+            results.append(asyncio.run(_measure(engine, layout, config, prompts, args, predicted)))
     title = (f"raypp bench compare: {model.name}, {args.input_len} in / {args.output_len} out, "
              f"concurrency {args.concurrency}, {args.cpus_per_worker:g} CPU per worker on {args.device}")
     print(title)
