@@ -10,8 +10,9 @@ weight-bytes roofline.
    median of CUDA-event timings, bandwidth = the fewest bytes the op must move / time.
 3. Decode: a checkpoint made like `raypp make-tiny` (preset `1b`: Llama-3.2-1B's layer
    shapes, bf16), a PROMPT-token prefill, then STEPS greedy decode steps per batch size,
-   three ways: eager through the torch references, eager through the kernels, and the
-   kernels replayed as one CUDA graph per step (raypp.model.cuda_graph).  Every step builds
+   four ways: eager through the torch references, eager through the kernels, the kernels
+   replayed as one CUDA graph per step (raypp.model.cuda_graph), and that graph with every
+   product on cuBLAS instead of kernels/gemv.py (which only batch 1 uses).  Every step builds
    its metadata on the host and reads the sampled ids back, as the engine's worker does.
    Roofline tokens/s = batch x copy bandwidth / (weight bytes + KV bytes read per step).
 
@@ -33,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kernels import activation, paged_attention, rmsnorm, rotary  # noqa: E402
+from kernels import activation, gemv, paged_attention, rmsnorm, rotary  # noqa: E402
 from raypp.model import ops  # noqa: E402
 from raypp.model.attention import AttentionMetadata  # noqa: E402
 from raypp.model.rope import inv_frequencies, rope_cos_sin  # noqa: E402
@@ -93,6 +94,11 @@ def kernel_cases(device: str, dtype: torch.dtype, dry: bool) -> list[tuple]:
          lambda: rotary.rope_and_cache_ref(q, k, v, cos, sin, cache[0], cache[1], slots),
          (2 * q.numel() + 4 * k.numel() + t * hd) * size),  # q, k, v in and out; half of cos and of sin
     ]
+    # Batch-1 decode products (fused q/k/v, fused gate/up, down) of the 1b preset: GEMV vs cuBLAS.
+    for n_out, k_in in ([(24, 64)] if dry else [(3072, 2048), (16384, 2048), (2048, 8192)]):
+        wt, xv = randn(n_out, k_in), randn(1, k_in)
+        cases.append(("gemv", f"1x{k_in} @ {k_in}x{n_out}", lambda w=wt, x=xv: gemv.gemv(x, w),
+                      lambda w=wt, x=xv: gemv.gemv_ref(x, w), (n_out * k_in + k_in + n_out) * size))
     # Decode attention: many sequences (the grid fills the GPU) and one long one (it does not).
     for batch, ctx in ([(2, 40)] if dry else [(64, 4096), (1, 32768)]):
         q_heads, kv_heads, head_dim, bs = (4, 2, 16, 16) if dry else (32, 8, 128, 16)
@@ -143,9 +149,10 @@ def decode_run(model, mode: str, batch: int, prompt: int, steps: int, block_size
     tables = [[b * blocks + j for j in range(blocks)] for b in range(batch)]
     vocab = model.lm_head.weight.shape[0]
     ids = torch.randint(3, vocab, (batch * prompt,), generator=torch.Generator().manual_seed(0)).to(device)
+    ops.use_gemv = mode != "graph-cublas"
     with ops.use("torch" if mode == "eager-torch" else "triton"):
         # Captured before the prefill: capture writes its dummy tokens' K/V into slot 0.
-        graph = DecodeGraph(model, batch, blocks, block_size) if mode == "graph" else None
+        graph = DecodeGraph(model, batch, blocks, block_size) if mode.startswith("graph") else None
         meta = AttentionMetadata.build([prompt] * batch, [prompt] * batch, tables, block_size)
         next_ids = model(ids, meta).argmax(-1)
         out = []
@@ -171,6 +178,7 @@ def decode_run(model, mode: str, batch: int, prompt: int, steps: int, block_size
     if graph:  # the device's time for one step, without the host's part
         row["replay_ms"] = timer(graph.graph.replay, device, 3, 20) * 1e3
         row["replay_kernels"] = kernel_profile(graph.graph.replay)
+    ops.use_gemv = True
     return row
 
 
@@ -210,7 +218,7 @@ def decode_bench(args, device: str, dtype: torch.dtype, ceiling: float) -> tuple
     weight_bytes = (params - model.embed_tokens.weight.numel()) * dtype.itemsize
     info = dict(preset=preset, params=params, weight_bytes=weight_bytes, checkpoint_made_s=made_s,
                 prompt=prompt, steps=steps, layers=cfg.num_layers, hidden=cfg.hidden_size)
-    modes = ["eager-torch", "eager-triton"] + (["graph"] if device == "cuda" else [])
+    modes = ["eager-torch", "eager-triton"] + (["graph", "graph-cublas"] if device == "cuda" else [])
     rows = []
     for batch in batches:
         mean_ctx = prompt + (steps + 1) / 2
@@ -262,8 +270,8 @@ def main(argv=None) -> int:
               f"  roofline {r['roofline_tokens_per_s']:9.1f}  ({r['frac_of_roofline']:.0%})"
               + (f"  replay alone {r['replay_ms']:.3f} ms" if "replay_ms" in r else ""))
     for r in result["decode"]:
-        if r["mode"] == "graph" and r["batch"] == 1:
-            print("batch-1 graph replay, device time by kernel:")
+        if r["mode"].startswith("graph") and r["batch"] == 1:
+            print(f"batch-1 {r['mode']} replay, device time by kernel:")
             for k in r["replay_kernels"]:
                 print(f"  {k['us']:8.1f} us  {k['calls']:4d} x  {k['kernel']}")
     return 0

@@ -11,7 +11,7 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-from kernels import activation, paged_attention, rmsnorm, rotary  # noqa: E402
+from kernels import activation, gemv, paged_attention, rmsnorm, rotary  # noqa: E402
 from raypp.model import ops  # noqa: E402
 from raypp.model.attention import AttentionMetadata  # noqa: E402
 from raypp.model.rope import inv_frequencies, rope_cos_sin  # noqa: E402
@@ -46,6 +46,10 @@ def test_kernels_match_references_at_serving_shapes(dtype):
     out = rotary.rope_and_cache(q, k, v, cos, sin, cache[0], cache[1], slots)
     ref = rotary.rope_and_cache_ref(q, k, v, cos, sin, ref_cache[0], ref_cache[1], slots)
     assert rel(out, ref) < TOL[dtype] and rel(cache, ref_cache) < TOL[dtype]
+    x, w, b = randn(1, 2048, dtype=dtype), randn(16384, 2048, dtype=dtype), randn(16384, dtype=dtype)
+    assert rel(gemv.gemv(x, w, b), gemv.gemv_ref(x, w, b)) < TOL[dtype]
+    x, w = randn(1, 8192, dtype=dtype), randn(2048, 8192, dtype=dtype)
+    assert rel(gemv.gemv(x, w), gemv.gemv_ref(x, w)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -154,3 +158,17 @@ def test_seeded_sampling_on_cuda_is_reproducible(small_ckpt):
     first = worker.execute(step).token_ids
     step.step_id = 1
     assert worker.execute(step).token_ids == first
+
+
+@torch.inference_mode()
+def test_batch1_decode_gemv_matches_cublas(small_ckpt, monkeypatch):
+    """At batch 1 every product goes through kernels/gemv.py; the logits match cuBLAS's."""
+    worker = _worker(small_ckpt)
+    model, prompt = worker.model, random_prompts(4096, [20])[0]
+    logits = {}
+    for use_gemv in (True, False):
+        monkeypatch.setattr(ops, "use_gemv", use_gemv)
+        model.allocate_kv_cache(8, 16)
+        model(torch.tensor(prompt, device="cuda"), AttentionMetadata.build([20], [20], [[0, 1]], 16))
+        logits[use_gemv] = model(torch.tensor([5], device="cuda"), AttentionMetadata.build([1], [21], [[0, 1]], 16))
+    assert rel(logits[True], logits[False]) < 1e-2

@@ -24,7 +24,7 @@ def test_gpu_decode_dry_run(tmp_path):
     result = json.loads(out.read_text())
     assert result["copy_gbps"] > 0
     assert {r["kernel"] for r in result["kernels"]} == {
-        "rms_norm", "add_rms_norm", "silu_and_mul", "rope_and_cache", "paged_decode_attention"}
+        "rms_norm", "add_rms_norm", "silu_and_mul", "rope_and_cache", "gemv", "paged_decode_attention"}
     assert all(r["triton_gbps"] > 0 and r["torch_gbps"] > 0 for r in result["kernels"])
     assert [(r["batch"], r["mode"]) for r in result["decode"]] == [
         (1, "eager-torch"), (1, "eager-triton"), (2, "eager-torch"), (2, "eager-triton")]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import activation, paged_attention, rmsnorm, rotary
+from kernels import activation, gemv, paged_attention, rmsnorm, rotary
 
 if not kernels.HAS_TRITON:
     pytest.skip("triton is not installed (pip install -e '.[dev]' brings it)", allow_module_level=True)
@@ -77,6 +77,14 @@ def test_rope_and_cache(q_heads, kv_heads, head_dim, dtype):
     ref = rotary.rope_and_cache_ref(q, k, v, cos, sin, ref_cache[0], ref_cache[1], slots)
     assert_close(out, ref, dtype)
     assert_close(cache, ref_cache, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,bias", [(70, 300, False), (8, 2500, True)])
+def test_gemv(n, k, bias, dtype):
+    x, w = rand(1, k, dtype=dtype, seed=13), rand(n, k, dtype=dtype, seed=14)
+    b = rand(n, dtype=dtype, seed=15) if bias else None
+    assert_close(gemv.gemv(x, w, b), gemv.gemv_ref(x, w, b), dtype)
 
 
 def paged_case(lens, q_heads, kv_heads, head_dim, block_size, dtype, seed):
@@ -155,12 +163,14 @@ def run_steps(model, prompts, decode_steps):
     return logits
 
 
-def test_model_through_triton_kernels_matches_torch_path(tiny_ckpt):
+@pytest.mark.parametrize("prompts", [[[5, 9, 200, 31, 7], [44, 3, 3, 1000, 17, 18, 19, 20, 600]],
+                                     [[8, 1500, 77]]], ids=["batch2", "batch1-gemv"])
+def test_model_through_triton_kernels_matches_torch_path(tiny_ckpt, prompts):
     """The dispatch point, both ways: a prefill step (rmsnorm, rope + cache write, silu) and
-    decode steps (the paged kernel) of the tiny model give the same logits through kernels
-    and references; so do the fused q/k/v and gate/up products that CUDA loads use."""
+    decode steps (the paged kernel; at batch 1 the GEMV) of the tiny model give the same
+    logits through kernels and references; so do the fused q/k/v and gate/up products that
+    CUDA loads use."""
     model = load_model(tiny_ckpt, torch.float32, DEVICE)
-    prompts = [[5, 9, 200, 31, 7], [44, 3, 3, 1000, 17, 18, 19, 20, 600]]
     with ops.use("torch"):
         ref = run_steps(model, prompts, decode_steps=2)
     if DEVICE == "cpu":

@@ -12,7 +12,6 @@ Face's, which makes checkpoint names a fixed prefix away from ours.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from raypp.model import ops
@@ -75,11 +74,11 @@ class Attention(nn.Module):
             q, k, v = (proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj))
         else:
             weight, bias, sizes = self.qkv
-            q, k, v = F.linear(x, weight, bias).split(sizes, dim=-1)
+            q, k, v = ops.linear(x, weight, bias).split(sizes, dim=-1)
         q, k, v = (y.view(t, -1, hd) for y in (q, k, v))
         q = ops.rope_and_cache(q, k, v, cos, sin, self.kv_cache, meta.slot_mapping)
         out = paged_attention(q, self.kv_cache, meta, scale=hd ** -0.5)
-        return self.o_proj(out.reshape(t, -1))
+        return ops.linear(out.reshape(t, -1), self.o_proj.weight)
 
 
 class MLP(nn.Module):
@@ -92,10 +91,10 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.gate_up is None:
-            return self.down_proj(ops.silu_and_mul(self.gate_proj(x), self.up_proj(x)))
+            return ops.linear(ops.silu_and_mul(self.gate_proj(x), self.up_proj(x)), self.down_proj.weight)
         weight, _, sizes = self.gate_up
-        gate, up = F.linear(x, weight).split(sizes, dim=-1)
-        return self.down_proj(ops.silu_and_mul(gate, up))
+        gate, up = ops.linear(x, weight).split(sizes, dim=-1)
+        return ops.linear(ops.silu_and_mul(gate, up), self.down_proj.weight)
 
 
 class Block(nn.Module):
@@ -167,4 +166,4 @@ class Transformer(nn.Module):
             h = h + delta
         if self.lm_head is None:
             return h
-        return self.lm_head(self.norm(h[meta.logits_rows])).float()
+        return ops.linear(self.norm(h[meta.logits_rows]), self.lm_head.weight).float()

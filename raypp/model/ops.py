@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 
 import kernels
-from kernels import activation, paged_attention, rmsnorm, rotary
+from kernels import activation, gemv, paged_attention, rmsnorm, rotary
 
 HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
 _forced: str | None = os.environ.get("RAYPP_KERNELS") or None
@@ -38,6 +38,17 @@ def backend(device: torch.device, attention: bool = False) -> str:
     if device.type != "cuda" or not kernels.HAS_TRITON:
         return "torch"
     return "flashinfer" if attention and HAS_FLASHINFER else "triton"
+
+
+# One-row products (batch-1 decode) use kernels/gemv.py on CUDA; more rows go to cuBLAS,
+# whose GEMM tiles then have work for each row.  False sends every product to cuBLAS.
+use_gemv = True
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if use_gemv and x.dim() == 2 and x.shape[0] == 1 and backend(x.device) != "torch":
+        return gemv.gemv(x, weight, bias)
+    return gemv.gemv_ref(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
