@@ -78,7 +78,7 @@ def test_request_tracker_times_queue_first_token_gaps_and_finish():
     clock = tracker.start(seq)
     on_step_calls.record([], 0.01)               # still waiting: no queue time yet
     assert tracker.take().queue_s == []
-    seq.status = Status.RUNNING
+    seq.status, seq.admitted_at = Status.RUNNING, time.perf_counter()   # what the scheduler does
     on_step_calls.record([], 0.01)
     clock.output(RequestOutput("r", 3, [5], [5]))
     time.sleep(0.01)

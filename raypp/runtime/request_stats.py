@@ -5,8 +5,8 @@ each latency is kept until a metrics publisher takes it for a histogram.  Times 
 `time.perf_counter()` seconds.
 
 Queue time ends when the scheduler first takes the request out of its waiting
-queue.  The engine notices that at the next completed step (`on_step`), so it reads
-up to one step long; TTFT, ITL and end-to-end latency are exact.
+queue (`Sequence.admitted_at`); the engine collects it at the next completed step
+(`on_step`).
 """
 from __future__ import annotations
 
@@ -51,12 +51,11 @@ class RequestTracker:
         """After every completed step: requests the scheduler has taken end their queue time."""
         if not self._queued:
             return
-        now = time.perf_counter()
         for rid, (seq, arrival) in list(self._queued.items()):
             if seq.status is not Status.WAITING:
                 del self._queued[rid]
-                if seq.status is Status.RUNNING:
-                    self._queue_s.append(now - arrival)
+                if seq.admitted_at is not None:
+                    self._queue_s.append(seq.admitted_at - arrival)
 
     def totals(self) -> RequestStats:
         return RequestStats(self.prompt_tokens, tuple(sorted(self.finished.items())))

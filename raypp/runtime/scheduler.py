@@ -28,6 +28,7 @@ k+1 (other sequences) runs on stage 0.  The rules, each stated once:
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -167,6 +168,8 @@ class Scheduler:
                 break  # admitting would need preempting someone already running: wait instead
             self.waiting.popleft()
             seq.status = Status.RUNNING
+            if seq.admitted_at is None:
+                seq.admitted_at = time.perf_counter()
             self.running.append(seq)
             take(seq)
         if not seqs:

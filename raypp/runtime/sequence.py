@@ -40,6 +40,7 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
+    admitted_at: float | None = None   # time.perf_counter() when first taken out of the queue
 
     @property
     def in_flight(self) -> bool:
