@@ -9,8 +9,8 @@ Per layout: batch-1 decode latency (ms/token, the peers' formula) and saturated 
 (`--concurrency` requests in flight, output tok/s with prefill, and in the steady decode
 window), TTFT/ITL p50 and the per-stage bubble.  Every layout runs on Ray actors (one
 `--cpus-per-worker` each), so TP1 pays the same call path as the others.  Beside each row,
-the planner's prediction for the same layout and load on `--planner-device` (its hardware
-catalog; uncalibrated unless the catalog's factors were fitted with `raypp calibrate`).
+the planner's prediction for the same layout and load on `--planner-device`, with the
+factors its hardware catalog ships.
 """
 from __future__ import annotations
 
