@@ -4,31 +4,29 @@
         --out cpu-calibrated.yaml [--concurrency 1,8] [--requests 16] [--input-len 32] [--output-len 32]
 
 For each concurrency it keeps that many completions in flight through the OpenAI API
-(token-id prompts, greedy, ignore_eos, so every request runs its full length), reads
-`/stats` (the engine's typed `EngineStats`) before and after, and takes the per-stage
-deltas: forwards, compute, comm and bubble.  `raypp.planner.live_fit` fits the
+(`raypp.client`: token-id prompts, greedy, ignore_eos, so every request runs its full
+length), reads `/stats` (the engine's typed `EngineStats`) before and after, and takes
+the per-stage deltas: forwards, compute, comm and bubble.  `raypp.planner.live_fit` fits the
 efficiency factors of the `--gpu` entry to them; the result is written as a hardware
 file for `raypp plan --hardware FILE --gpu NAME`, and the fit is reported per stage.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import time
-from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
-
+from raypp.client import Client
+from raypp.client.errors import RayppError
 from raypp.errors import UserError
 from raypp.planner.balance import balanced_split
 from raypp.planner.hardware import get_device, get_link, load_yaml
 from raypp.planner.layout import Cluster, Layout
 from raypp.planner.live_fit import Phase, fit, hardware_yaml, predicted_phase, rows
 from raypp.planner.models import get_model
-from raypp.runtime.stats import EngineStats
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,48 +44,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="name of the written entry (default: <gpu>-calibrated)")
     p.add_argument("--out", required=True, metavar="FILE.yaml", help="hardware file to write")
     p.add_argument("--hardware", help="YAML file with the --gpu entry, if it is not in the catalog")
-    p.add_argument("--api-key", default=os.environ.get("RAYPP_API_KEY"), help="default: $RAYPP_API_KEY")
+    p.add_argument("--api-key", help="default: $RAYPP_API_KEY")
     p.add_argument("--timeout", type=float, default=600, help="seconds per request")
 
 
-class Deployment:
-    def __init__(self, url: str, api_key: str | None, timeout: float):
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
-
-    def _get(self, path: str) -> dict:
-        try:
-            r = self.http.get(path)
-        except httpx.HTTPError as e:
-            raise UserError(f"cannot reach {self.http.base_url}{path}: {e}; is the deployment running?") from None
-        if r.status_code != 200:
-            raise UserError(f"GET {path} answered {r.status_code}: {r.text[:200]}")
-        return r.json()
-
-    def stats(self) -> EngineStats:
-        return EngineStats.from_json(self._get("/stats"))
-
-    def model_name(self) -> str:
-        return self._get("/v1/models")["data"][0]["id"]
-
-    def complete(self, model: str, prompt: list[int], max_tokens: int) -> None:
-        r = self.http.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                                                    "temperature": 0, "ignore_eos": True})
-        if r.status_code != 200:
-            raise UserError(f"POST /v1/completions answered {r.status_code}: {r.text[:200]}")
-
-
-def measure(dep: Deployment, model: str, concurrency: int, requests: int, input_len: int,
-            output_len: int) -> Phase:
+def measure(client: Client, concurrency: int, requests: int, input_len: int, output_len: int) -> Phase:
     """Keep `concurrency` completions in flight until `requests` have run; stats deltas over that."""
-    before = dep.stats()
+    before = client.stats()
     t0 = time.perf_counter()
     # Distinct prompts (no prefix sharing); ids stay small so every vocabulary holds them.
     prompts = [[1 + (i * 7 + j) % 97 for j in range(input_len)] for i in range(requests)]
     with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(lambda p: dep.complete(model, p, output_len), prompts))
+        list(pool.map(lambda p: client.complete(p, max_tokens=output_len, temperature=0, ignore_eos=True), prompts))
     wall = time.perf_counter() - t0
-    after = dep.stats()
+    after = client.stats()
     d = lambda a, b: [y - x for x, y in zip(a, b)]
     busy = d([s.busy_s for s in before.stages], [s.busy_s for s in after.stages])
     bubble = d([s.bubble_s for s in before.stages], [s.bubble_s for s in after.stages])
@@ -125,19 +95,22 @@ def run(args) -> int:
     devices, links = load_yaml(args.hardware) if args.hardware else ({}, {})
     dev = get_device(args.gpu, devices)
     model = get_model(args.model)
-    dep = Deployment(args.url, args.api_key, args.timeout)
-    served, pp = dep.model_name(), len(dep.stats().stages)
-    split = (tuple(int(x) for x in args.stage_layers.split(",")) if args.stage_layers
-             else tuple(balanced_split(model.layers, pp)))
-    if len(split) != pp or sum(split) != model.layers:
-        raise UserError(f"--stage-layers {list(split)} must have {pp} entries (the deployment's stages) summing "
-                        f"to {model.layers}")
-    layout = Layout(args.tp, pp, split)
-    cluster = Cluster(dev, layout.gpus, 1, get_link(dev.intra_link, links), get_link(dev.network, links))
-    phases = []
-    for c in concs:
-        print(f"load: {args.requests} requests, {c} in flight, {args.input_len}+{args.output_len} tokens ...")
-        phases.append(measure(dep, served, c, args.requests, args.input_len, args.output_len))
+    with Client(args.url, api_key=args.api_key, timeout=args.timeout) as client:
+        try:
+            pp = len(client.stats().stages)
+            split = (tuple(int(x) for x in args.stage_layers.split(",")) if args.stage_layers
+                     else tuple(balanced_split(model.layers, pp)))
+            if len(split) != pp or sum(split) != model.layers:
+                raise UserError(f"--stage-layers {list(split)} must have {pp} entries (the deployment's stages) "
+                                f"summing to {model.layers}")
+            layout = Layout(args.tp, pp, split)
+            cluster = Cluster(dev, layout.gpus, 1, get_link(dev.intra_link, links), get_link(dev.network, links))
+            phases = []
+            for c in concs:
+                print(f"load: {args.requests} requests, {c} in flight, {args.input_len}+{args.output_len} tokens ...")
+                phases.append(measure(client, c, args.requests, args.input_len, args.output_len))
+        except RayppError as e:
+            raise UserError(f"{e}; is the deployment at {args.url} running?") from None
     eff = fit(model, layout, cluster, phases, args.dtype)
     fitted = replace(cluster, device=replace(dev, efficiency=eff))
     print("\n".join(report(model, layout, cluster, fitted, phases, args.dtype)))

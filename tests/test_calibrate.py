@@ -89,7 +89,8 @@ class FakeDeployment(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path == "/v1/models":
-            return self._json({"object": "list", "data": [{"id": "small", "object": "model"}]})
+            return self._json({"object": "list", "data": [{"id": "small", "object": "model", "created": 0,
+                                                           "owned_by": "raypp", "max_model_len": 2048}]})
         finished = self.phases[:self.done // self.requests]
         stages = [StageStats(stage=s, tp_rank=0, steps=sum(p.steps[s] for p in finished),
                              busy_s=sum(p.compute_s[s] + p.comm_s[s] for p in finished),
@@ -104,7 +105,7 @@ class FakeDeployment(BaseHTTPRequestHandler):
         assert body["ignore_eos"] and body["max_tokens"] == 32 and len(body["prompt"]) == 32
         with self.lock:
             type(self).done += 1
-        self._json({"object": "text_completion", "choices": []})
+        self._json({"id": "cmpl-0", "object": "text_completion", "created": 0, "model": "small", "choices": []})
 
     def log_message(self, *args):
         pass
@@ -141,7 +142,7 @@ def test_calibrate_writes_a_hardware_file_plan_accepts(fake_url, tmp_path, capsy
 def test_calibrate_unreachable_deployment_says_so(tmp_path, capsys):
     rc = main(["calibrate", "http://127.0.0.1:9", "--model", "small", "--gpu", "cpu", "--out",
                str(tmp_path / "x.yaml")])
-    assert rc == 2 and "is the deployment running" in capsys.readouterr().err
+    assert rc == 2 and "is the deployment at http://127.0.0.1:9 running?" in capsys.readouterr().err
 
 
 def test_calibrate_against_a_live_tiny_deployment(tmp_path, capsys):
