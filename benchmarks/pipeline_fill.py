@@ -146,9 +146,9 @@ def run_checkpoint(tag: str, path: Path, reps: int, names: list[str]) -> dict:
                 res = asyncio.run(measure_against_ref(ref, x, reps, False, False))
                 if rec:
                     res["timeline"] = steady_slice(rec.close())
-                busy_ms, return_ms = engine.driver.totals.per_step_ms()
-                res["driver"] = {"busy_ms_per_step": busy_ms, "return_latency_ms": return_ms,
-                                 "steps": engine.driver.totals.steps}
+                driver = engine.stats().driver
+                busy_ms, return_ms = driver.per_step_ms()
+                res["driver"] = {"busy_ms_per_step": busy_ms, "return_latency_ms": return_ms, "steps": driver.steps}
                 res.update({"pp": pp, "micro_batches": engine.config.micro_batches, "cpus_per_worker": cpus})
                 res["limit"] = pp_limit(t, engine.config.micro_batches)
                 out["layouts"][name] = res

@@ -104,7 +104,15 @@ def build() -> dict:
          .with_panel(panel("Step time", "s", _quantiles(M.STEP_TIME),
                            description="One micro-batch through every stage and back."))
          .with_panel(panel("Micro-batches in flight", "short", [
-             (f"sum by (replica) ({_sel(M.MICRO_BATCHES_IN_FLIGHT)})", "{{replica}}")])))
+             (f"sum by (replica) ({_sel(M.MICRO_BATCHES_IN_FLIGHT)})", "{{replica}}")]))
+         .with_panel(panel("Driver time", "percentunit", [
+             (_rate(M.DRIVER_BUSY, "replica"), "{{replica}}")],
+             description="Seconds per second the replica's driver spends forming steps and applying tokens. "
+                         "Off the pipeline's critical path, but CPU the workers lose on small hosts."))
+         .with_panel(panel("Pipeline rebuilds", "short", [
+             (f"max by (replica) ({_sel(M.PIPELINE_REBUILDS)})", "{{replica}}")],
+             description="Rebuilds after a worker died or stalled; each paused the replica's streams. "
+                         "At parallel.max_rebuilds the replica reports unhealthy and Serve replaces it.")))
     return json.loads(json.dumps(d.build(), cls=JSONEncoder))
 
 

@@ -92,10 +92,15 @@ STAGE_BUBBLE = Metric("raypp_stage_bubble_seconds_total", Kind.COUNTER,
                       "is not counted.", STAGE_LABELS)
 STAGE_BUBBLE_RATIO = Metric("raypp_stage_bubble_ratio", Kind.GAUGE,
                             "bubble / (busy + bubble) of a stage over the last 30 s.", STAGE_LABELS)
+PIPELINE_REBUILDS = Metric("raypp_pipeline_rebuilds", Kind.GAUGE,
+                           "Pipeline rebuilds after worker failures since the replica started.")
+DRIVER_BUSY = Metric("raypp_driver_busy_seconds_total", Kind.COUNTER,
+                     "Driver time forming and sending steps and applying their tokens (off the pipeline's "
+                     "critical path, but CPU taken from the workers on small hosts).")
 
 ALL: tuple[Metric, ...] = (
     NUM_REQUESTS_RUNNING, NUM_REQUESTS_WAITING, KV_CACHE_USAGE, NUM_PREEMPTIONS, PROMPT_TOKENS,
     GENERATION_TOKENS, REQUEST_SUCCESS, TIME_TO_FIRST_TOKEN, INTER_TOKEN_LATENCY, E2E_REQUEST_LATENCY,
     REQUEST_QUEUE_TIME, MICRO_BATCHES_IN_FLIGHT, STEP_TIME, STAGE_STEPS, STAGE_BUSY, STAGE_BUBBLE,
-    STAGE_BUBBLE_RATIO,
+    STAGE_BUBBLE_RATIO, PIPELINE_REBUILDS, DRIVER_BUSY,
 )

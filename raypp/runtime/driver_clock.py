@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 
-@dataclass
-class DriverTotals:
+@dataclass(frozen=True)
+class DriverStats:
     steps: int = 0
     busy_s: float = 0.0
     return_latency_s: float = 0.0
@@ -28,7 +28,9 @@ class DriverTotals:
 
 class DriverClock:
     def __init__(self):
-        self.totals = DriverTotals()
+        self.steps = 0
+        self.busy_s = 0.0
+        self.return_latency_s = 0.0
 
     @contextmanager
     def timed(self):
@@ -36,9 +38,12 @@ class DriverClock:
         try:
             yield
         finally:
-            self.totals.busy_s += time.perf_counter() - start
+            self.busy_s += time.perf_counter() - start
 
     def returned(self, last_stage_end: float) -> None:
         """A step came back; `last_stage_end` is the wall clock (time.time) its last stage finished."""
-        self.totals.steps += 1
-        self.totals.return_latency_s += max(0.0, time.time() - last_stage_end)
+        self.steps += 1
+        self.return_latency_s += max(0.0, time.time() - last_stage_end)
+
+    def snapshot(self) -> DriverStats:
+        return DriverStats(self.steps, self.busy_s, self.return_latency_s)

@@ -273,7 +273,7 @@ class Engine:
             stage_timings.setdefault(o.timing.stage, o.timing)
         self.pipeline_stats.record(list(stage_timings.values()), time.perf_counter() - started)
         self.driver.returned(max(t.end for t in stage_timings.values()))
-        if self.driver.totals.steps % BALANCE_CHECK_STEPS == 0:
+        if self.driver.steps % BALANCE_CHECK_STEPS == 0:
             self._check_stage_balance()
         updated = self.scheduler.complete(mb, ids, logprobs)
         for seq in updated:
@@ -334,6 +334,8 @@ class Engine:
             mean_step_time_s=self.pipeline_stats.mean_step_time_s(),
             requests=self.requests.totals(),
             stages=self.pipeline_stats.snapshot(),
+            driver=self.driver.snapshot(),
+            rebuilds=self.rebuilds,
         )
 
     def shutdown(self) -> None:

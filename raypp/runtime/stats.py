@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from raypp.runtime.driver_clock import DriverStats
 from raypp.runtime.step import StepTiming
 
 
@@ -37,6 +38,7 @@ class StageStats:
     wait_tokens_s: float         # stage 0: blocked on sampled ids from the last stage
     bubble_s: float              # idle + both waits
     bubble_ratio: float          # bubble / (busy + bubble) over the sliding window
+    prep_s: float = 0.0          # of compute_s, host-side work per step that does not scale with tokens
 
 
 @dataclass(frozen=True)
@@ -59,13 +61,15 @@ class EngineStats:
     mean_step_time_s: float
     requests: RequestStats
     stages: list[StageStats]
+    driver: DriverStats = DriverStats()   # the driver's own time per step (off the pipeline's critical path)
+    rebuilds: int = 0                     # pipeline rebuilds after worker failures
 
     @classmethod
     def from_json(cls, d: dict) -> "EngineStats":
         """The inverse of `dataclasses.asdict` (what `/stats` serves)."""
         req = d["requests"]
         return cls(**{**d, "requests": RequestStats(req["prompt_tokens"], tuple(map(tuple, req["finished"]))),
-                      "stages": [StageStats(**st) for st in d["stages"]]})
+                      "stages": [StageStats(**st) for st in d["stages"]], "driver": DriverStats(**d.get("driver", {}))})
 
     @property
     def kv_cache_usage(self) -> float:
@@ -78,6 +82,7 @@ class _StageTotals:
     tp_rank: int = 0
     steps: int = 0
     compute_s: float = 0.0
+    prep_s: float = 0.0
     comm_s: float = 0.0
     idle_s: float = 0.0
     wait_prev_stage_s: float = 0.0
@@ -109,6 +114,7 @@ class PipelineStats:
             st.tp_rank = t.tp_rank
             st.steps += 1
             st.compute_s += t.prep_s + t.compute_s
+            st.prep_s += t.prep_s
             st.comm_s += t.comm_s
             st.idle_s += t.idle_s
             st.wait_prev_stage_s += t.wait_s
@@ -136,7 +142,7 @@ class PipelineStats:
             # Running sums drift by float rounding; an empty window is exactly zero.
             ratio = st.window_bubble_s / st.window_span_s if st.window and st.window_span_s > 0 else 0.0
             out.append(StageStats(stage=s, tp_rank=st.tp_rank, steps=st.steps, busy_s=st.compute_s + st.comm_s,
-                                  compute_s=st.compute_s, comm_s=st.comm_s, idle_s=st.idle_s,
+                                  compute_s=st.compute_s, prep_s=st.prep_s, comm_s=st.comm_s, idle_s=st.idle_s,
                                   wait_prev_stage_s=st.wait_prev_stage_s, wait_tokens_s=st.wait_tokens_s,
                                   bubble_s=bubble, bubble_ratio=min(max(ratio, 0.0), 1.0)))
         return out

@@ -48,6 +48,8 @@ class MetricsPublisher:
         m[M.NUM_REQUESTS_WAITING].set(s.waiting)
         m[M.KV_CACHE_USAGE].set(s.kv_cache_usage)
         m[M.MICRO_BATCHES_IN_FLIGHT].set(s.micro_batches_in_flight)
+        m[M.PIPELINE_REBUILDS].set(s.rebuilds)
+        self._inc(M.DRIVER_BUSY, s.driver.busy_s, last.driver.busy_s if last else 0.0)
         self._inc(M.NUM_PREEMPTIONS, s.preemptions, last.preemptions if last else 0)
         self._inc(M.PROMPT_TOKENS, s.requests.prompt_tokens, last.requests.prompt_tokens if last else 0)
         self._inc(M.GENERATION_TOKENS, s.tokens_generated, last.tokens_generated if last else 0)
