@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from raypp.benchmark.http_load import ServeRun as LevelResult
+from raypp.benchmark.http_load import LevelResult
 from raypp.cli import main
 from tests.serve_helpers import ServeRun, free_port
 

@@ -49,7 +49,7 @@ class RequestRecord:
 
 
 @dataclass(frozen=True)
-class ServeRun:
+class LevelResult:
     """One load level: `requests` sent = `succeeded` + `failed`."""
     concurrency: int
     rate: float | None
@@ -109,7 +109,7 @@ async def _stats(client: AsyncClient):
 
 
 async def run_level(client: AsyncClient, work: Workload, concurrency: int,
-                    progress: Callable[[int, int, int, float], None] | None = None) -> ServeRun:
+                    progress: Callable[[int, int, int, float], None] | None = None) -> LevelResult:
     """`work.requests` requests, at most `concurrency` in flight; progress(done, failed, tokens,
     elapsed_s) is called as requests finish."""
     prompts = token_prompts(work.requests, work.input_len, work.seed)
@@ -147,7 +147,7 @@ async def run_level(client: AsyncClient, work: Workload, concurrency: int,
         if r.error:
             errors[r.error] = errors.get(r.error, 0) + 1
     out_tokens = sum(r.output_tokens for r in ok)
-    return ServeRun(
+    return LevelResult(
         concurrency=concurrency, rate=work.rate, requests=len(records), succeeded=len(ok),
         failed=len(records) - len(ok), errors=dict(sorted(errors.items())), input_len=work.input_len,
         output_len=work.output_len, wall_s=wall, output_tokens=out_tokens, req_s=len(ok) / wall,

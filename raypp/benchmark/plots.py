@@ -66,7 +66,7 @@ def plot_bench(result: dict, load, path: str | os.PathLike) -> str | None:
 
 
 def plot_serve(runs: list, title: str, path: str | os.PathLike) -> str | None:
-    """`raypp bench serve` (`ServeRun`s, one per concurrency): throughput against latency
+    """`raypp bench serve` (`LevelResult`s, one per concurrency): throughput against latency
     (the sweep's curve, labelled by concurrency), tokens over time, and the server's bubble
     ratio per stage against concurrency (bars of busy / bubble for a single level)."""
     plt = _plt()

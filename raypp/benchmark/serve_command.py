@@ -15,7 +15,7 @@ import sys
 import time
 from urllib.parse import urlsplit
 
-from raypp.benchmark.http_load import ServeRun, Workload, run_level
+from raypp.benchmark.http_load import LevelResult, Workload, run_level
 from raypp.benchmark.plots import plot_serve
 from raypp.benchmark.progress import Progress
 from raypp.benchmark.report import Column, fmt, table, write_json
@@ -72,7 +72,7 @@ COLUMNS = [
 ]
 
 
-async def _measure(args) -> tuple[str, list[ServeRun]]:
+async def _measure(args) -> tuple[str, list[LevelResult]]:
     work = Workload(args.requests, args.input_len, args.output_len, args.rate, args.seed)
     async with AsyncClient(args.url, api_key=args.api_key, timeout=args.timeout, max_retries=0,
                            model=args.model, max_connections=max(args.concurrency)) as client:

@@ -24,10 +24,11 @@ class RetryPolicy:
     max_retries: int = 2
     backoff_s: float = 0.5
     max_backoff_s: float = 8.0
+    max_retry_after_s: float = 60.0   # a caller waits at most this long on one answer's word
 
     def delay_s(self, attempt: int, retry_after_s: float | None) -> float:
         if retry_after_s is not None:
-            return min(retry_after_s, self.max_backoff_s * 4)
+            return min(retry_after_s, self.max_retry_after_s)
         return min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * random.uniform(0.5, 1.0)
 
 
