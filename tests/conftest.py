@@ -21,3 +21,13 @@ def tiny_ckpt(tmp_path_factory):
 def small_ckpt(tmp_path_factory):
     from raypp.model.tiny import make_checkpoint
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "small", preset="small", seed=0)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A private local Ray cluster for one test module (never a cluster already running here)."""
+    import ray
+    ray.init(address="local", num_cpus=8, object_store_memory=100 * 2**20, include_dashboard=False,
+             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+    yield
+    ray.shutdown()

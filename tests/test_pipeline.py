@@ -9,7 +9,6 @@ import json
 import shutil
 
 import pytest
-import ray
 import torch
 
 from raypp.config import DeploymentConfig
@@ -39,14 +38,6 @@ def gather(engine, prompts, params):
     async def main():
         return await asyncio.gather(*[collect(engine, p, q) for p, q in zip(prompts, params)])
     return asyncio.run(main())
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=8, object_store_memory=100 * 2**20, include_dashboard=False,
-             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,6 @@ from tests.reference import collect, greedy, random_prompts, run_all
 PROMPT_LENGTHS = [4, 12, 7, 30, 18, 9, 25, 2]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=8, object_store_memory=100 * 2**20, include_dashboard=False,
-             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
-    yield
-    ray.shutdown()
-
-
 def config(ckpt, **parallel):
     scheduler = parallel.pop("scheduler", {})
     return DeploymentConfig.model_validate({

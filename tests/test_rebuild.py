@@ -31,14 +31,6 @@ def params(i):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=8, object_store_memory=100 * 2**20, include_dashboard=False,
-             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def prompts(tiny_ckpt):
     return random_prompts(ModelConfig.from_dir(tiny_ckpt).vocab_size, LENGTHS, seed=4)
 
