@@ -43,6 +43,7 @@ def test_with_nothing_else_to_run_a_lookahead_goes_at_once():
     s = Scheduler(BlockManager(64, 4), max_num_seqs=8, token_budget=512, micro_batches=2, num_stages=4)
     s.add(seq("alone", 5))
     first, second = s.schedule(), s.schedule()
+    assert first.step.placeholders == [] and first.step.sample_rows == [0]
     assert ids(second) == ["alone"] and second.step.placeholders == [Placeholder(0, 0, 0)]
     assert s.schedule() is None
 

@@ -5,7 +5,6 @@ Real processes (torch.multiprocessing, gloo), no Ray: each process is one
 step the last stage's TP rank 0 broadcasts the sampled tokens so every rank can
 form the next step, as the engine's scheduler would.
 """
-import os
 import socket
 
 import pytest
