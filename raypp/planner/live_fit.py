@@ -65,6 +65,9 @@ def _per_step(model: ModelSpec, layout: Layout, cluster: Cluster, ph: Phase, dty
     ctx = ph.input_len + ph.output_len / 2
     out = []
     for s, sh in enumerate(shapes):
+        if ph.steps[s] == 0:          # nothing measured on this stage in this phase
+            out.append((0.0, 0.0))
+            continue
         dec = stage_forward(sh, s, layout, cluster, wl, b, 1, ctx, False)
         pre = stage_forward(sh, s, layout, cluster, wl, 1, ph.input_len, 0.0, True)
         n_pre = min(ph.prefills, ph.steps[s])
