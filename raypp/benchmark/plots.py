@@ -90,11 +90,13 @@ def plot_serve(runs: list, title: str, path: str | os.PathLike) -> str | None:
     if len(measured) == 1:
         _stage_bars(ax[2], measured[0].stages, "server stage time (run)")
     elif measured:
+        concs = [r.concurrency for r in measured]
         for s in range(len(measured[0].stages)):
-            ax[2].plot([r.concurrency for r in measured], [r.stages[s]["bubble_ratio"] for r in measured],
-                       marker="o", label=f"stage {s}")
+            ax[2].plot(concs, [r.stages[s]["bubble_ratio"] for r in measured], marker="o", label=f"stage {s}")
         ax[2].set(xscale="log", xlabel="concurrency", ylabel="bubble / (busy + bubble)", ylim=(0, 1),
                   title="server pipeline bubble")
+        ax[2].set_xticks(concs, [str(c) for c in concs], minor=False)
+        ax[2].minorticks_off()
         ax[2].legend()
     else:
         ax[2].set_axis_off()
