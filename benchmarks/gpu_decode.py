@@ -22,6 +22,7 @@ kernels); its numbers mean nothing, it checks that the GPU run will not fail on 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -42,23 +43,36 @@ from raypp.model.rope import inv_frequencies, rope_cos_sin  # noqa: E402
 TARGETS = {"kernel_hbm_fraction": 0.8, "batch1_roofline_fraction": 0.7}  # from the issue
 
 
-def timer(fn, device: str, warmup: int, reps: int) -> float:
-    """Median seconds of fn(): CUDA events on a GPU, the host clock on the CPU."""
+def timer(fn, device: str, warmup: int, reps: int, calls: int = 10) -> float:
+    """Median seconds of one fn().  On a GPU, `calls` calls are captured in one CUDA graph and
+    its replays timed with events: launching a Triton kernel from Python takes longer than
+    the smaller kernels run, so timing single launches would time the host.  calls=0 times
+    fn itself with events (fn is a graph replay already)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
+    if device != "cuda":
+        times = []
+        for _ in range(reps):
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    run, per = fn, 1
+    if calls:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+        run, per = graph.replay, calls
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / per)
     return statistics.median(times)
 
 
@@ -95,12 +109,17 @@ def kernel_cases(device: str, dtype: torch.dtype, dry: bool) -> list[tuple]:
          (2 * q.numel() + 4 * k.numel() + t * hd) * size),  # q, k, v in and out; half of cos and of sin
     ]
     # Batch-1 decode products (fused q/k/v, fused gate/up, down) of the 1b preset: GEMV vs cuBLAS.
+    # The weights fit in the L2, so each call takes the next of enough copies to exceed it.
     for n_out, k_in in ([(24, 64)] if dry else [(3072, 2048), (16384, 2048), (2048, 8192)]):
-        wt, xv = randn(n_out, k_in), randn(1, k_in)
-        cases.append(("gemv", f"1x{k_in} @ {k_in}x{n_out}", lambda w=wt, x=xv: gemv.gemv(x, w),
-                      lambda w=wt, x=xv: gemv.gemv_ref(x, w), (n_out * k_in + k_in + n_out) * size))
-    # Decode attention: many sequences (the grid fills the GPU) and one long one (it does not).
-    for batch, ctx in ([(2, 40)] if dry else [(64, 4096), (1, 32768)]):
+        copies = 1 if dry else (256 << 20) // (n_out * k_in * size) + 1
+        ws, xv = [randn(n_out, k_in) for _ in range(copies)], randn(1, k_in)
+        cycle_k, cycle_r = itertools.cycle(ws), itertools.cycle(ws)
+        cases.append(("gemv", f"1x{k_in} @ {k_in}x{n_out}", lambda c=cycle_k, x=xv: gemv.gemv(x, next(c)),
+                      lambda c=cycle_r, x=xv: gemv.gemv_ref(x, next(c)), (n_out * k_in + k_in + n_out) * size))
+    # Decode attention: many sequences (the grid fills the GPU), one long one (it does not:
+    # the context is split), and batch-1 decode's short context with and without splitting.
+    for batch, ctx, splits in ([(2, 40, None)] if dry else [(64, 4096, None), (1, 32768, None), (1, 256, None),
+                                                            (1, 256, 1)]):
         q_heads, kv_heads, head_dim, bs = (4, 2, 16, 16) if dry else (32, 8, 128, 16)
         blocks = (ctx + bs - 1) // bs
         tables = torch.randperm(batch * blocks, device=device).view(batch, blocks).int()
@@ -109,8 +128,9 @@ def kernel_cases(device: str, dtype: torch.dtype, dry: bool) -> list[tuple]:
         qd = randn(batch, q_heads, head_dim)
         args = (qd, kc, vc, tables, lens, ctx, bs, head_dim ** -0.5)
         kv_bytes = 2 * batch * ctx * kv_heads * head_dim * size
-        cases.append((f"paged_decode_attention", f"B={batch} ctx={ctx} {q_heads}/{kv_heads}x{head_dim}",
-                      lambda a=args: paged_attention.paged_decode_attention(*a),
+        cases.append(("paged_decode_attention", f"B={batch} ctx={ctx} {q_heads}/{kv_heads}x{head_dim}"
+                      + (f" splits={splits}" if splits else ""),
+                      lambda a=args, sp=splits: paged_attention.paged_decode_attention(*a, splits=sp),
                       lambda a=args: paged_attention.paged_decode_attention_ref(*a),
                       kv_bytes + 2 * qd.numel() * size))
     return cases
@@ -160,23 +180,32 @@ def decode_run(model, mode: str, batch: int, prompt: int, steps: int, block_size
         def metadata(k: int) -> AttentionMetadata:  # decode step k's, on the device
             return AttentionMetadata.build([1] * batch, [prompt + k + 1] * batch, tables, block_size).to(device)
 
+        def run(ids, meta):
+            return graph(ids, meta) if graph else model(ids, meta)
+
         if device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        meta = metadata(0)
+        logits = run(next_ids, metadata(0))
         for k in range(steps):
-            logits = graph(next_ids, meta) if graph else model(next_ids, meta)
             next_ids = logits.argmax(-1)  # stays on the device as the next step's input
-            # The next step's metadata does not depend on the sampled ids: the host builds it
-            # while the GPU runs this step (as the engine schedules a step before it has seen
-            # the previous one's tokens).
-            meta = metadata(k + 1)
-            out.append(next_ids.tolist())  # the sampled ids: the one host sync per step
+            host_ids = next_ids.to("cpu", non_blocking=True)
+            done = torch.cuda.Event() if device == "cuda" else None
+            if done is not None:
+                done.record()
+            if k + 1 < steps:
+                # Step k+1 is queued before step k's ids reach the host, as the engine queues
+                # a step behind one whose tokens it has not seen: the host builds metadata
+                # while the GPU computes, and the GPU does not wait for the host.
+                logits = run(next_ids, metadata(k + 1))
+            if done is not None:
+                done.synchronize()
+            out.append(host_ids.tolist())  # the sampled ids: the one host wait per step
         elapsed = time.perf_counter() - t
     row = dict(mode=mode, batch=batch, steps=steps, step_ms=elapsed / steps * 1e3,
                tokens_per_s=batch * steps / elapsed, first_ids=[r[0] for r in out[:8]])
     if graph:  # the device's time for one step, without the host's part
-        row["replay_ms"] = timer(graph.graph.replay, device, 3, 20) * 1e3
+        row["replay_ms"] = timer(graph.graph.replay, device, 3, 20, calls=0) * 1e3
         row["replay_kernels"] = kernel_profile(graph.graph.replay)
     ops.use_gemv = True
     return row

@@ -104,14 +104,16 @@ def _combine_kernel(part_ptr, stats_ptr, out_ptr, q_heads, stride_ob, stride_oh,
 
 
 def num_splits(batch: int, kv_heads: int, max_len: int, block_n: int, device: torch.device) -> int:
-    """Context splits per (sequence, kv head): enough programs to fill the GPU when the batch
-    alone does not (flash-decoding), each split at least 4 tiles so the combine pass pays off."""
+    """Context splits per (sequence, kv head), a power of two: enough programs to fill the GPU
+    when the batch alone does not (flash-decoding), at most one per BLOCK_N tile.  A program
+    walks its tiles one dependent load after another, so even a few hundred tokens at batch 1
+    finish sooner split, combine pass included."""
     if device.type != "cuda":
         return 1
     programs = batch * kv_heads
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    most = max(1, max_len // (4 * block_n))
-    return min(triton.next_power_of_2(triton.cdiv(2 * sms, programs)), triton.next_power_of_2(most) // 2 or 1, 64)
+    tiles = triton.cdiv(max_len, block_n)
+    return min(triton.next_power_of_2(triton.cdiv(2 * sms, programs)), 1 << (tiles.bit_length() - 1), 64)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
