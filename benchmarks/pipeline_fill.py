@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline_scaling import CONCURRENCY, INPUT_LEN, OUTPUT_LEN, TOKEN_BUDGET, Layout, measure_against_ref  # noqa: E402
+from pipeline_scaling import CONCURRENCY, INPUT_LEN, OUTPUT_LEN, TOKEN_BUDGET, LayoutRun, measure_against_ref  # noqa: E402
 
 from raypp import benchmark as bench  # noqa: E402
 
@@ -136,12 +136,12 @@ def run_checkpoint(tag: str, path: Path, reps: int, names: list[str]) -> dict:
                                  max_model_len=INPUT_LEN + OUTPUT_LEN, max_tokens_per_micro_batch=TOKEN_BUDGET)
 
     with bench.open_engine(config_of(1, 1, 1.0), use_ray=True, log=log) as ref_engine:
-        ref = Layout("PP1", ref_engine, prompts)
+        ref = LayoutRun("PP1", ref_engine, prompts)
         asyncio.run(ref.warm_up())
         for name in names:
             pp, mb, cpus = LAYOUTS[name]
             with bench.open_engine(config_of(pp, mb, cpus), use_ray=True, log=log) as engine:
-                x = Layout(name, engine, prompts)
+                x = LayoutRun(name, engine, prompts)
                 rec = TimelineRecorder(engine) if name in TIMELINES else None
                 res = asyncio.run(measure_against_ref(ref, x, reps, False, False))
                 if rec:

@@ -24,7 +24,7 @@ planner   on `small`: concurrency 1 and 8, 128 in / 128 out, for TP1, TP2, PP2 (
           docs/planner.md), measured TTFT / ITL / tok/s / bubble next to `raypp plan --json`.
 
 Writes the JSON and a PNG (matplotlib, Agg) beside it.  The shared measurement code is
-raypp/runtime/bench.py (the `raypp bench` command).
+raypp/benchmark/ (the `raypp bench` command).
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def _saturation_summary(runs: list[dict], pp: int) -> dict:
     }
 
 
-class Layout:
+class LayoutRun:
     """One open engine and everything measured on it."""
 
     def __init__(self, name: str, engine, prompts: list[list[int]]):
@@ -158,7 +158,7 @@ class Layout:
         return res
 
 
-async def measure_against_ref(ref: Layout, x: Layout, reps: int, with_latency: bool, with_planner: bool) -> dict:
+async def measure_against_ref(ref: LayoutRun, x: LayoutRun, reps: int, with_latency: bool, with_planner: bool) -> dict:
     """x and the PP1 reference side by side: their runs alternate (ref, x, x, ref, ref, x, ...), so a
     ratio compares runs seconds apart on this shared machine."""
     await x.warm_up()
@@ -211,7 +211,7 @@ def run_checkpoint(tag: str, path: Path, reps: int, with_planner: bool, planner_
     log(f"[scaling] --- {tag}: reference {describe('PP1')}, kept open; every other layout runs beside it ---")
     t_ref = time.perf_counter()
     with bench.open_engine(config_of("PP1"), use_ray=True, log=log) as ref_engine:
-        ref = Layout("PP1", ref_engine, prompts)
+        ref = LayoutRun("PP1", ref_engine, prompts)
         ref_startup = time.perf_counter() - t_ref
         asyncio.run(ref.warm_up())
         for name, (tp, pp, mb, on_ray) in LAYOUTS.items():
@@ -222,7 +222,7 @@ def run_checkpoint(tag: str, path: Path, reps: int, with_planner: bool, planner_
             with bench.open_engine(config_of(name), use_ray=on_ray, log=log) as engine:
                 startup = time.perf_counter() - t
                 res = asyncio.run(measure_against_ref(
-                    ref, Layout(name, engine, prompts), reps, name in LATENCY_LAYOUTS,
+                    ref, LayoutRun(name, engine, prompts), reps, name in LATENCY_LAYOUTS,
                     with_planner and name in PLANNER_LAYOUTS))
             res.update({"tp": tp, "pp": pp, "micro_batches": mb, "executor": "ray" if on_ray else "in-process",
                         "startup_s": startup, "wall_s": time.perf_counter() - t})

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from raypp.planner.balance import balanced_split
 from raypp.planner.hardware import DEVICES, LINKS
-from raypp.planner.layout import Cluster, Layout, Workload
+from raypp.layout import Layout
+from raypp.planner.layout import Cluster, Workload
 from raypp.planner.live_fit import Phase, fit, hardware_yaml
 from raypp.planner.models import PRESETS
 from raypp.planner.strategy import Options, evaluate

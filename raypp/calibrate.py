@@ -24,7 +24,8 @@ from raypp.client.errors import RayppError
 from raypp.errors import UserError
 from raypp.planner.balance import balanced_split
 from raypp.planner.hardware import get_device, get_link, load_yaml
-from raypp.planner.layout import Cluster, Layout
+from raypp.layout import Layout
+from raypp.planner.layout import Cluster
 from raypp.planner.live_fit import Phase, fit, hardware_yaml, predicted_phase, rows
 from raypp.planner.models import get_model
 
@@ -104,7 +105,7 @@ def run(args) -> int:
                 raise UserError(f"--stage-layers {list(split)} must have {pp} entries (the deployment's stages) "
                                 f"summing to {model.layers}")
             layout = Layout(args.tp, pp, split)
-            cluster = Cluster(dev, layout.gpus, 1, get_link(dev.intra_link, links), get_link(dev.network, links))
+            cluster = Cluster(dev, layout.world_size, 1, get_link(dev.intra_link, links), get_link(dev.network, links))
             phases = []
             for c in concs:
                 print(f"load: {args.requests} requests, {c} in flight, {args.input_len}+{args.output_len} tokens ...")

@@ -10,7 +10,8 @@ import pytest
 
 from raypp.cli import main
 from raypp.planner.hardware import DEVICES, LINKS, load_yaml
-from raypp.planner.layout import Cluster, Layout
+from raypp.layout import Layout
+from raypp.planner.layout import Cluster
 from raypp.planner.live_fit import Phase, _per_step, fit, predicted_phase, rows
 from raypp.planner.models import PRESETS
 from raypp.runtime.stats import EngineStats, RequestStats, StageStats

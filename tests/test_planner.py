@@ -6,7 +6,8 @@ import pytest
 from raypp.cli import main
 from raypp.errors import UserError
 from raypp.planner.hardware import DEVICES, LINKS, get_device, load_yaml
-from raypp.planner.layout import Cluster, Layout, Workload, stage_shapes
+from raypp.layout import Layout
+from raypp.planner.layout import Cluster, Workload, stage_shapes
 from raypp.planner.memory import memory
 from raypp.planner.models import PRESETS, from_hf_config, get_model
 from raypp.planner.strategy import Options, plan

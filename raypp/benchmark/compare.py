@@ -93,7 +93,8 @@ def predict(model_dir, layout: LayoutName, device: str, concurrency: int, args) 
     """The planner's (batch-1 ms/token, output tok/s at `concurrency`) for this layout, on one
     node of `device`; None where the layout does not fit there."""
     from raypp.planner.hardware import DEVICES, LINKS
-    from raypp.planner.layout import Cluster, Layout, Workload
+    from raypp.layout import Layout
+    from raypp.planner.layout import Cluster, Workload
     from raypp.planner.models import from_hf_config
     from raypp.planner.strategy import Options, evaluate
 

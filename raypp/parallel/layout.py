@@ -5,35 +5,12 @@ with a message saying what would work, instead of a shape error on 16 GPUs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from raypp.errors import LayoutError
+from raypp.layout import Layout, tp_problems, valid_tp
 from raypp.model.config import ModelConfig
 from raypp.planner.balance import balanced_split
 
 NOMINAL_STEP_TOKENS = 64  # tokens per decode step assumed when costing the embedding lookup
-
-
-@dataclass(frozen=True)
-class Layout:
-    tp: int
-    pp: int
-    stage_layers: tuple[int, ...]
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp
-
-    def rank(self, stage: int, tp_rank: int) -> int:
-        return stage * self.tp + tp_rank
-
-    def layers_of(self, stage: int) -> range:
-        start = sum(self.stage_layers[:stage])
-        return range(start, start + self.stage_layers[stage])
-
-
-def _divisors(n: int, limit: int = 64) -> list[int]:
-    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
 def stage_cost_weights(cfg: ModelConfig) -> tuple[float, float, float]:
@@ -49,17 +26,9 @@ def stage_cost_weights(cfg: ModelConfig) -> tuple[float, float, float]:
 
 
 def make_layout(cfg: ModelConfig, tp: int, pp: int, stage_layers: list[int] | None = None) -> Layout:
-    problems = []
-    if cfg.num_heads % tp:
-        problems.append(f"tp={tp} does not divide num_attention_heads={cfg.num_heads}")
-    if cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
-        problems.append(f"tp={tp} and num_key_value_heads={cfg.num_kv_heads}: one must divide the other "
-                        f"(KV heads are split, or replicated when tp > KV heads)")
-    if cfg.intermediate_size % tp:
-        problems.append(f"tp={tp} does not divide intermediate_size={cfg.intermediate_size}")
+    problems = tp_problems(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, tp)
     if problems:
-        ok = [t for t in _divisors(cfg.num_heads) if cfg.intermediate_size % t == 0
-              and (cfg.num_kv_heads % t == 0 or t % cfg.num_kv_heads == 0)]
+        ok = valid_tp(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size)
         raise LayoutError("; ".join(problems) + f". tp values that work for this model: {ok}")
     if pp > cfg.num_layers:
         raise LayoutError(f"pp={pp} is more stages than the model's {cfg.num_layers} layers; "

@@ -10,7 +10,7 @@ import torch
 
 from raypp.model.config import ModelConfig
 from raypp.model.llama import Transformer
-from raypp.parallel.layout import Layout
+from raypp.layout import Layout
 from raypp.parallel.tp import AllReduce, apply_tp
 
 

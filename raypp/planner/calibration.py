@@ -14,7 +14,8 @@ import sys
 from dataclasses import replace
 
 from raypp.planner.hardware import DEVICES, LINKS, Efficiency
-from raypp.planner.layout import Cluster, Layout, Workload, stage_shapes
+from raypp.layout import Layout
+from raypp.planner.layout import Cluster, Workload, stage_shapes
 from raypp.planner.measurements import CALIBRATION, CLAIMS, HELD_OUT, Claim, Measurement
 from raypp.planner.models import PRESETS
 from raypp.planner.perf import predict, static_batch_throughput

@@ -104,7 +104,7 @@ def run(args) -> int:
         if not cands or not cands[0].fits:
             raise UserError("nothing to emit: no layout fits")
         best = cands[0]
-        cpus = min(1.0, round(cluster.gpus / (best.layout.gpus * best.layout.replicas), 2))
+        cpus = min(1.0, round(cluster.gpus / (best.layout.world_size * best.layout.replicas), 2))
         cmd = (f"raypp plan --model {shlex.quote(args.model)} --gpu {args.gpu} --gpus-per-node "
                f"{args.gpus_per_node} --nodes {args.nodes} --dtype {args.dtype} --priority {args.priority} "
                f"--concurrency {args.concurrency} --input-len {args.input_len} --output-len {args.output_len}")

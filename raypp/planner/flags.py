@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from raypp.planner.layout import Cluster, Layout
+from raypp.layout import Layout
+from raypp.planner.layout import Cluster, tp_link
 from raypp.planner.perf import Prediction
 
 
@@ -26,7 +27,7 @@ def _ms(s: float) -> str:
 def tp_link_flags(layout: Layout, cluster: Cluster, pred: Prediction) -> list[Flag]:
     if layout.tp == 1:
         return []
-    link = layout.tp_link(cluster)
+    link = tp_link(layout, cluster)
     ar = sum(t.all_reduce for t in pred.decode_stages)
     step = sum(t.total for t in pred.decode_stages)
     share = f"{ar / step:.0%} of a decode step ({_ms(ar)} of {_ms(step)})"

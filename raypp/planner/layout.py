@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from raypp.layout import Layout
 from raypp.planner.hardware import Device, Link
 from raypp.planner.models import ModelSpec
 
@@ -60,34 +61,16 @@ class Workload:
         return max(self.weight_bytes, 2)
 
 
-@dataclass(frozen=True)
-class Layout:
-    tp: int
-    pp: int
-    stage_layers: tuple[int, ...]
-    replicas: int = 1              # data-parallel copies on the rest of the cluster
+def tp_link(layout: Layout, cluster: Cluster) -> Link:
+    """The link a stage's TP all-reduces run over: inside a node, or the network when TP spans nodes."""
+    return cluster.intra if layout.tp <= cluster.gpus_per_node else cluster.network
 
-    @property
-    def gpus(self) -> int:
-        return self.tp * self.pp
 
-    @property
-    def name(self) -> str:
-        return f"TP{self.tp}xPP{self.pp}" + (f" x{self.replicas}" if self.replicas > 1 else "")
-
-    def stage_node(self, stage: int, gpus_per_node: int) -> int:
-        return stage * self.tp // gpus_per_node
-
-    def tp_link(self, cluster: Cluster) -> Link:
-        return cluster.intra if self.tp <= cluster.gpus_per_node else cluster.network
-
-    def send_link(self, stage: int, cluster: Cluster) -> Link:
-        """Link from stage -> stage+1 (the same TP rank of the next stage)."""
-        same = self.stage_node(stage, cluster.gpus_per_node) == self.stage_node(stage + 1, cluster.gpus_per_node)
-        return cluster.intra if same and self.tp <= cluster.gpus_per_node else cluster.network
-
-    def micro_batches(self, concurrency: int, requested: int | None) -> int:
-        return max(1, min(requested or self.pp, concurrency))
+def send_link(layout: Layout, stage: int, cluster: Cluster) -> Link:
+    """Link from stage -> stage+1 (the same TP rank of the next stage)."""
+    n = cluster.gpus_per_node
+    same = layout.stage_node(stage, n) == layout.stage_node(stage + 1, n)
+    return cluster.intra if same and layout.tp <= n else cluster.network
 
 
 @dataclass(frozen=True)
@@ -104,17 +87,6 @@ class StageShape:
     attn_flops_per_token_ctx: float   # x context length
     has_embed: bool
     has_head: bool
-
-
-def tp_problems(model: ModelSpec, tp: int) -> list[str]:
-    out = []
-    if model.heads % tp:
-        out.append(f"tp={tp} does not divide {model.heads} attention heads")
-    if model.kv_heads % tp and tp % model.kv_heads:
-        out.append(f"tp={tp} neither divides nor is a multiple of {model.kv_heads} KV heads")
-    if model.intermediate % tp:
-        out.append(f"tp={tp} does not divide intermediate size {model.intermediate}")
-    return out
 
 
 def stage_shapes(model: ModelSpec, layout: Layout, wl: Workload) -> list[StageShape]:

@@ -22,7 +22,8 @@ import math
 from dataclasses import dataclass, fields, replace
 
 from raypp.planner.hardware import Device, Efficiency
-from raypp.planner.layout import Cluster, Layout, Workload, stage_shapes
+from raypp.layout import Layout
+from raypp.planner.layout import Cluster, Workload, stage_shapes
 from raypp.planner.models import ModelSpec
 from raypp.planner.perf import predict, stage_forward
 
@@ -125,7 +126,7 @@ def fit(model: ModelSpec, layout: Layout, cluster: Cluster, phases: list[Phase],
         scored.append((_worst(rows(model, layout, with_eff(eff), phases, dtype), "compute"), eff))
     best_err = min(err for err, _ in scored)
     best = min((eff for err, eff in scored if err <= best_err + 0.01), key=lambda e: _distance(e, base))
-    if layout.gpus > 1:
+    if layout.world_size > 1:
         link = min(_geom(0.05, 4.0, 40), key=lambda e: _worst(
             rows(model, layout, with_eff(replace(best, link=e)), phases, dtype), "comm"))
         best = replace(best, link=link)

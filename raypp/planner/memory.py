@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from raypp.planner.layout import Cluster, Layout, StageShape, Workload
+from raypp.layout import Layout
+from raypp.planner.layout import Cluster, StageShape, Workload
 from raypp.planner.models import ModelSpec
 
 GB = 1e9
@@ -61,7 +62,7 @@ def memory(model: ModelSpec, layout: Layout, shapes: list[StageShape], cluster: 
            per_replica_seqs: int) -> Memory:
     dev = cluster.device
     capacity = dev.memory * wl.gpu_memory_utilization
-    overhead = CPU_OVERHEAD if dev.kind == "cpu" else GPU_OVERHEAD + (NCCL_OVERHEAD if layout.gpus > 1 else 0.0)
+    overhead = CPU_OVERHEAD if dev.kind == "cpu" else GPU_OVERHEAD + (NCCL_OVERHEAD if layout.world_size > 1 else 0.0)
     act = activation_bytes(model, layout, wl, per_replica_seqs)
     free = [capacity - s.weight_bytes - act - overhead for s in shapes]
     tokens = min(int(max(f, 0.0) // s.kv_bytes_per_token) for f, s in zip(free, shapes))

@@ -27,7 +27,8 @@ import math
 from dataclasses import dataclass
 
 from raypp.planner.hardware import Device, Link
-from raypp.planner.layout import Cluster, Layout, StageShape, Workload
+from raypp.layout import Layout
+from raypp.planner.layout import Cluster, StageShape, Workload, send_link, tp_link
 
 
 def _peak(dev: Device, dtype: str) -> tuple[float, float]:
@@ -93,10 +94,10 @@ def stage_forward(shape: StageShape, stage: int, layout: Layout, cluster: Cluste
         # the depth; prefill's per-forward costs are inside the fitted per-layer prefill overhead.
         overhead += eff.step_overhead
     act = tokens * shape.hidden * wl.act_bytes
-    t_ar = 2 * shape.layers * all_reduce_time(layout.tp, act, layout.tp_link(cluster), eff.link)
+    t_ar = 2 * shape.layers * all_reduce_time(layout.tp, act, tp_link(layout, cluster), eff.link)
     last = stage == layout.pp - 1
     # the last stage returns sampled token ids only
-    t_send = 0.0 if last else send_time(act, layout.send_link(stage, cluster), eff.link)
+    t_send = 0.0 if last else send_time(act, send_link(layout, stage, cluster), eff.link)
     return StageTime(t_lin + t_head + t_attn + overhead, t_ar, t_send)
 
 

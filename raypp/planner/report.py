@@ -15,7 +15,7 @@ def as_dict(c: Candidate, chosen: bool) -> dict:
     m, p = c.memory, c.prediction
     d = {
         "layout": c.layout.name, "chosen": chosen, "tp": c.layout.tp, "pp": c.layout.pp,
-        "replicas": c.layout.replicas, "gpus": c.layout.gpus * c.layout.replicas,
+        "replicas": c.layout.replicas, "gpus": c.layout.world_size * c.layout.replicas,
         "stage_layers": list(c.layout.stage_layers), "fits": c.fits,
         "memory_per_gpu_gb": {"capacity": round(m.capacity / GB, 2), "weights": round(m.weights / GB, 2),
                               "activations": round(m.activations / GB, 2), "overhead": round(m.overhead / GB, 2),

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, replace
 from raypp.errors import UserError
 from raypp.planner.balance import balanced_split, stage_costs
 from raypp.planner.flags import Flag, balance_flag, pipeline_flags, tp_link_flags
-from raypp.planner.layout import Cluster, Layout, Workload, stage_shapes, tp_problems
+from raypp.layout import Layout, tp_problems
+from raypp.planner.layout import Cluster, Workload, stage_shapes
 from raypp.planner.memory import Memory, memory
 from raypp.planner.models import ModelSpec
 from raypp.planner.perf import Prediction, predict, stage_forward
@@ -67,11 +68,11 @@ def split_costs(model: ModelSpec, tp: int, cluster: Cluster, wl: Workload, batch
 def layouts(model: ModelSpec, cluster: Cluster, opts: Options) -> list[Layout]:
     gpn = cluster.gpus_per_node
     if opts.tp is not None:
-        if problems := tp_problems(model, opts.tp):
+        if problems := tp_problems(model.heads, model.kv_heads, model.intermediate, opts.tp):
             raise UserError("; ".join(problems))
         tps = [opts.tp]
     else:
-        tps = [t for t in range(1, gpn + 1) if gpn % t == 0 and not tp_problems(model, t)]
+        tps = [t for t in range(1, gpn + 1) if gpn % t == 0 and not tp_problems(model.heads, model.kv_heads, model.intermediate, t)]
     out = []
     for tp in tps:
         pps = [opts.pp] if opts.pp is not None else range(1, min(model.layers, cluster.gpus // tp) + 1)
@@ -134,7 +135,7 @@ def rank(cands: list[Candidate], priority: str) -> list[Candidate]:
         for c in ok:
             thr, itl = c.throughput / best_thr, best_itl / c.prediction.itl
             c.score = {"latency": itl, "throughput": thr, "balanced": math.sqrt(thr * itl)}[priority]
-    ok.sort(key=lambda c: (not c.meets_slo, -round(c.score, 6), c.layout.gpus, c.layout.pp))
+    ok.sort(key=lambda c: (not c.meets_slo, -round(c.score, 6), c.layout.world_size, c.layout.pp))
     return ok + sorted((c for c in cands if not c.fits), key=lambda c: c.memory.shortfall)
 
 

@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raypp.config import DeploymentConfig
 from raypp.errors import PlacementError
-from raypp.parallel.layout import Layout
+from raypp.layout import Layout
 from raypp.parallel.placement import create_stage_groups, remove_groups, worker_bundle
 from raypp.runtime.step import StepInput, StepOutput
 from raypp.runtime.worker import StageWorker

@@ -9,7 +9,7 @@ from __future__ import annotations
 from raypp.config import DeploymentConfig
 from raypp.model.checkpoint import resolve_dtype
 from raypp.model.config import ModelConfig
-from raypp.parallel.layout import Layout
+from raypp.layout import Layout
 
 
 def bytes_per_block(cfg: ModelConfig, layout: Layout, block_size: int, dtype_bytes: int) -> int:

@@ -19,7 +19,7 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from raypp.parallel.layout import Layout
+from raypp.layout import Layout
 
 
 def token_return_ranks(layout: Layout) -> list[int]:

@@ -22,7 +22,7 @@ from raypp.model.attention import AttentionMetadata, to_device
 from raypp.model.checkpoint import load_weights, resolve_dtype
 from raypp.model.config import ModelConfig
 from raypp.model.sampling import sample
-from raypp.parallel.layout import Layout
+from raypp.layout import Layout
 from raypp.parallel.pipeline import build_stage_module
 from raypp.parallel.shm_allreduce import ShmAllReduce
 from raypp.runtime.step import StepInput, StepOutput, StepTiming
