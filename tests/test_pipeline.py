@@ -166,3 +166,19 @@ def test_every_stage_runs_each_step_once_in_order(engine, prompts):
     ids = [s.step_id for s in engine.steps_seen[sent:]]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     assert [st.steps - b for st, b in zip(engine.stats().stages, before)] == [len(ids)] * len(before)
+
+
+def test_an_unbalanced_split_logs_the_stage_layers_that_balance_it(local_ray, small_ckpt, caplog):
+    engine = Engine.from_config(DeploymentConfig.model_validate({
+        "model": {"path": str(small_ckpt)}, "scheduler": {"num_kv_blocks": 64},
+        "parallel": {"device": "cpu", "pp": 2, "stage_layers": [1, 7], "placement_timeout_s": 120}}))
+    try:
+        prompts = random_prompts(ModelConfig.from_dir(small_ckpt).vocab_size, [16] * 8, seed=2)
+        gather(engine, prompts, [greedy(8)] * 8)
+        with caplog.at_level("WARNING", logger="raypp"):
+            engine._check_stage_balance()
+        assert "pipeline stages are unbalanced" in caplog.text
+        split = engine._suggested_split
+        assert split is not None and sum(split) == 8 and max(split) - min(split) <= 2, split
+    finally:
+        engine.shutdown()
