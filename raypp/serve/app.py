@@ -25,6 +25,7 @@ from raypp.errors import UserError
 from raypp.serve import errors, openapi
 from raypp.serve import protocol as P
 from raypp.serve.auth import APIKeyMiddleware
+from raypp.serve.body_limit import BodyLimitMiddleware
 from raypp.serve.checkpoint import resolve_paths, served_name
 
 logger = logging.getLogger("ray.serve")
@@ -33,6 +34,8 @@ api = FastAPI(title="raypp", version=importlib.metadata.version("raypp"),
               description="OpenAI-compatible API over a tensor x pipeline parallel Llama-family model.")
 errors.install(api)
 openapi.install(api)
+# The last added runs first: a request without the key is refused before its body is read.
+api.add_middleware(BodyLimitMiddleware)
 api.add_middleware(APIKeyMiddleware)
 
 
@@ -72,13 +75,13 @@ class LLMServer:
 
     @api.post("/v1/completions", response_model=P.CompletionResponse,
               responses={**openapi.streaming_200(P.CompletionResponse, P.CompletionChunk),
-                         **openapi.error_responses(400, 401, 404, 429)})
+                         **openapi.error_responses(400, 401, 404, 413, 429, 503)})
     async def completions(self, body: P.CompletionRequest):
         return await self.serving.completions(body)
 
     @api.post("/v1/chat/completions", response_model=P.ChatCompletionResponse,
               responses={**openapi.streaming_200(P.ChatCompletionResponse, P.ChatCompletionChunk),
-                         **openapi.error_responses(400, 401, 404, 429)})
+                         **openapi.error_responses(400, 401, 404, 413, 429, 503)})
     async def chat_completions(self, body: P.ChatCompletionRequest):
         return await self.serving.chat(body)
 
@@ -141,6 +144,10 @@ def _short(value) -> str:
 
 def build_app(args: dict) -> Application:
     cfg = resolve_paths(parse_args(args))
+    if cfg.serve.api_key:
+        # Ray Serve logs an application's args at INFO when it imports the application.
+        logger.warning("raypp: serve.api_key in the deployment args is written to Ray Serve's logs; "
+                       "set the RAYPP_API_KEY environment variable on the cluster's nodes instead")
     sched = cfg.scheduler
     # Serve must let every request the engine could run or queue through to the replica, or
     # Serve's own queue would hide the engine's 429 behind unbounded waiting.

@@ -36,8 +36,10 @@ def _route_path(scope) -> str:
 
 
 def _authorized(scope, key: str) -> bool:
+    """Compares in constant time (hmac.compare_digest) so that response timing does not leak how
+    much of a guessed key was right; bytes on both sides, so any key, ASCII or not, can match."""
     for name, value in scope.get("headers", []):
         if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+            scheme, _, token = value.partition(b" ")
+            return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode("utf-8"))
     return False

@@ -28,6 +28,9 @@ from raypp.serve.tokenizer import Tokenizer
 logger = logging.getLogger("ray.serve")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Serve's health check (every 10 s, replaced after 3 failures) takes about this long to swap a
+# dead replica for a new one on the tiny deployment (docs/operations.md, "Failure modes").
+RETRY_AFTER_DEAD_S = 10
 
 
 class _CompletionFormat:
@@ -194,7 +197,10 @@ class OpenAIServing:
             if include_usage:
                 yield _event(fmt.usage_chunk(rid, created, model, self._usage(choices, n)))
             yield b"data: [DONE]\n\n"
-        except Exception:  # the engine failed mid-stream: the status is sent already, so say it in-band
+        except EngineDeadError as e:  # the status is sent already, so the failure goes in-band
+            logger.warning("raypp: stream %s ended by a dead engine: %s", rid, e)
+            yield sse_error(_unavailable(e))
+        except Exception:
             logger.exception("raypp: stream %s failed", rid)
             yield sse_error(APIError(500, "generation failed mid-stream (see the replica log)"))
         finally:
@@ -203,8 +209,10 @@ class OpenAIServing:
 
 
 def _unavailable(e: EngineDeadError) -> APIError:
-    # The replica's pipeline is gone; Serve's health check will replace the replica.
-    return APIError(503, f"the model's workers failed; retry shortly ({e})", code="engine_dead")
+    # The replica's pipeline is gone for good; Serve's health check replaces the replica (or another
+    # replica takes the retry), so a client that waits Retry-After and retries is served.
+    return APIError(503, f"the model's workers failed; retry shortly ({e})", code="engine_dead",
+                    headers={"Retry-After": str(RETRY_AFTER_DEAD_S)})
 
 
 def _event(model) -> bytes:

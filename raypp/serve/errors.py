@@ -94,7 +94,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        if exc.status_code == 404:
+        # FastAPI turns a body json.loads could not parse other than by JSONDecodeError (only
+        # recursion depth) into "There was an error parsing the body"; say what it was.
+        if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
+            message = "Request body is not valid JSON: nested too deeply"
+        elif exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}; see /docs for the API"
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"

@@ -16,7 +16,9 @@ ERRORS = {
     400: "Invalid JSON, an invalid or unknown field, or prompt + max_tokens over the context length.",
     401: "Missing or wrong API key (only when one is configured).",
     404: "Unknown model.",
+    413: "The request body is larger than the server's limit (8 MiB).",
     429: "The engine's waiting queue is full; retry after the Retry-After header's seconds.",
+    503: "The replica's workers failed and cannot be rebuilt; retry after the Retry-After header's seconds.",
 }
 
 

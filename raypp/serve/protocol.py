@@ -9,18 +9,41 @@ client never gets behaviour it did not ask for.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from raypp.runtime.outputs import FinishReason
 
 MAX_N = 64            # choices per request: each is one engine sequence
+MAX_PROMPTS = 64      # prompts in one batched completion: each is n engine sequences
 MAX_STOP = 16         # stop strings per request: each is searched after every token
+MAX_STOP_LEN = 1024   # characters per stop string: held-back text is matched against each prefix
+MAX_STOP_TOKEN_IDS = 256
+MAX_MESSAGES = 4096   # the chat template renders them all before the context length is known
+MAX_NAME_LEN = 256    # model, user and message names: identifiers, not text
+MAX_SEED = 2**63 - 1  # OpenAI's seed is an int64
+
+
+def _no_lone_surrogates(v: str) -> str:
+    # JSON may escape half of a UTF-16 pair ("\ud800"); such a string cannot be encoded to UTF-8,
+    # so the tokenizer (and any response echoing it) would fail on it.
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text holds an unpaired UTF-16 surrogate (an invalid \\uD800-\\uDFFF escape)") from None
+    return v
+
+
+Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
+Name = Annotated[str, Field(max_length=MAX_NAME_LEN), AfterValidator(_no_lone_surrogates)]
+StopText = Annotated[str, Field(max_length=MAX_STOP_LEN), AfterValidator(_no_lone_surrogates)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: "2" is not an integer and 1 is not `true`.  Coercing them would hide a client's bug
+    # exactly as a silently ignored unknown field would (an int still passes for a float).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Request):
@@ -29,18 +52,20 @@ class StreamOptions(_Request):
 
 class _Sampling(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions."""
-    model: str = Field(description="Model name, as listed by GET /v1/models.")
+    model: Name = Field(description="Model name, as listed by GET /v1/models.")
     temperature: float = Field(1.0, ge=0, le=2, description="0 means greedy.")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(-1, ge=-1, description="raypp extension: keep the k most likely tokens; -1 or 0 disables.")
     n: int = Field(1, ge=1, le=MAX_N, description="Independent choices to generate.")
-    seed: int | None = Field(None, ge=0, description="Same seed, same tokens (choice i uses seed + i).")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Same seed, same tokens (choice i uses seed + i).")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description="Stop strings; the text ends before the first one found.")
-    stop_token_ids: list[int] | None = Field(None, description="raypp extension: token ids that end a choice.")
+    stop: StopText | list[StopText] | None = Field(
+        None, description="Stop strings; the text ends before the first one found.")
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS,
+                                             description="raypp extension: token ids that end a choice.")
     ignore_eos: bool = Field(False, description="raypp extension: keep generating past end-of-sequence tokens.")
-    user: str | None = None
+    user: Name | None = None
     # OpenAI fields raypp implements only at their neutral value (checked below).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -82,7 +107,7 @@ class _Sampling(_Request):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
         description="Text, token ids, or a batch of either; choice index = prompt index * n + i.")
     max_tokens: int = Field(16, ge=1, description="Tokens to generate at most (prompt + max_tokens <= context).")
     logprobs: int | None = Field(
@@ -100,6 +125,8 @@ class CompletionRequest(_Sampling):
             raise ValueError("prompt must not be an empty list")
         if isinstance(v, list) and isinstance(v[0], list) and any(len(p) == 0 for p in v):
             raise ValueError("token-id prompts must not be empty")
+        if isinstance(v, list) and not isinstance(v[0], int) and len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request, got {len(v)}")
         return v
 
     @field_validator("logprobs")
@@ -132,14 +159,14 @@ class CompletionRequest(_Sampling):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = Field(
+    content: Text | list[TextPart] | None = Field(
         None, description="Text, or a list of text parts (joined); images are not supported.")
-    name: str | None = None
+    name: Name | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -154,7 +181,7 @@ class ResponseFormat(_Request):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(
         None, ge=1, description="Tokens to generate at most; default: what the context leaves.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens; wins if both.")
