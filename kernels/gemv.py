@@ -1,10 +1,11 @@
 """Matrix-vector product for one-token decode: y[1, N] = x[1, K] @ W[N, K]^T (+ bias).
 
-At batch 1 a decode step is a chain of GEMVs whose cost is reading W once.  cuBLAS's tiled
-GEMM kernels reached ~67% of copy bandwidth on these shapes (H200, 2048-8192 wide); this
-kernel streams W in rows: each program owns BLOCK_N output rows, walks K in tiles of 4096
-elements with several loads in flight, accumulates elementwise in fp32 and reduces once.
-BLOCK_N is chosen so that there are at least two programs per multiprocessor.
+At batch 1 a decode step is a chain of GEMVs whose cost is reading W once.  Each program
+owns BLOCK_N output rows and streams them: K in tiles of 4096 elements with several loads
+in flight, fp32 products accumulated elementwise and reduced once.  BLOCK_N gives at least
+two programs per multiprocessor.  Measured on an H200 (docs/benchmarks.md): per product
+within 10% of cuBLAS either way, and a captured batch-1 decode step of the 1b preset
+0.99 ms against 1.10 ms with cuBLAS's GEMM kernels, the same kernel time with shorter gaps.
 """
 from __future__ import annotations
 
