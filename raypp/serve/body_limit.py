@@ -2,7 +2,7 @@
 
 Without a cap, one client could make the replica buffer and parse an arbitrarily large
 JSON document on the event loop every stream shares.  The largest useful request is a
-batch of full-context prompts as token ids (64 x 8k ids, ~5 MiB of JSON), hence 8 MiB.
+batch of full-context prompts as token ids (64 x 8k ids, ~3 MiB of JSON), hence 8 MiB.
 The body is read here (stopping as soon as it is too large, whatever Content-Length
 claims) and replayed to the app; after it, `receive` is the server's own again, so a
 client disconnect still reaches a streaming response.

@@ -2,9 +2,10 @@
 
 Clients (the `openai` SDK included) read `error.message` and the status code; they
 must never see a traceback or a bare 500 for input they can fix.  Bad input -> 400
-naming the field, missing/wrong key -> 401, unknown model or route -> 404, full
-queue -> 429 with Retry-After.  A 500 means a raypp bug: its body says only that,
-and the traceback goes to the replica's log.
+naming the field, missing/wrong key -> 401, unknown model or route -> 404, body over
+the limit -> 413, full queue -> 429 with Retry-After, dead engine -> 503 with
+Retry-After.  A 500 means a raypp bug: its body says only that, and the traceback goes
+to the replica's log.
 """
 from __future__ import annotations
 
