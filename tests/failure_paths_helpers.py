@@ -72,8 +72,11 @@ def pid_gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     # A zombie has exited; only its parent has not reaped it yet.
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(")")[-1].split()[0] == "Z"
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:   # reaped between the two looks
+        return True
 
 
 def release(pid: int) -> None:
