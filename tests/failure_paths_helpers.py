@@ -13,6 +13,7 @@ import httpx
 import ray
 
 from tests.monitoring_helpers import RayHead
+from tests.serve_helpers import ServeRun
 
 
 def tiny_pp2(ckpt, **parallel) -> dict:
@@ -39,6 +40,13 @@ def ray_head(workdir, num_cpus: int = 3):
             ray.shutdown()
     finally:
         head.stop()
+
+
+@contextmanager
+def serving(config: dict, workdir):
+    """`serve run` of `config` on a private Ray head, this process connected to it."""
+    with ray_head(workdir) as head, ServeRun(config, workdir / "serve", address=head.address) as server:
+        yield server
 
 
 def stage_pids() -> list[int]:

@@ -11,9 +11,8 @@ import time
 import httpx
 import pytest
 
-from tests.failure_paths_helpers import (BODY, live_groups, pid_gone, ray_head, release, stage_pids,
+from tests.failure_paths_helpers import (BODY, live_groups, pid_gone, release, serving, stage_pids,
                                          stream_events, tiny_pp2, wait_for)
-from tests.serve_helpers import ServeRun
 
 pytestmark = pytest.mark.slow
 
@@ -22,11 +21,9 @@ STEP_TIMEOUT_S = 5
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("failure_hang")
-    config = tiny_pp2(tiny_ckpt, max_rebuilds=2, step_timeout_s=STEP_TIMEOUT_S)
-    with ray_head(workdir) as head:
-        with ServeRun(config, workdir / "serve", address=head.address) as s:
-            yield s
+    with serving(tiny_pp2(tiny_ckpt, max_rebuilds=2, step_timeout_s=STEP_TIMEOUT_S),
+                 tmp_path_factory.mktemp("failure_hang")) as s:
+        yield s
 
 
 @pytest.fixture
