@@ -15,3 +15,7 @@ class CheckpointError(UserError):
 
 class PlacementError(RuntimeError):
     """The cluster cannot host the placement groups a layout needs."""
+
+
+class WorkerSetupError(RuntimeError):
+    """A pipeline worker could not start (process groups, weight loading): names the worker and the cause."""

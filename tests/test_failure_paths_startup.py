@@ -37,7 +37,9 @@ def test_worker_setup_failure_and_late_placement_timeout_leave_nothing_behind(ti
     for f in broken.glob("*.safetensors"):   # config and tokenizer read fine; the weights do not
         f.write_bytes(b"\x00" * 64)
     with ray_head(tmp_path, num_cpus=2) as head:
-        took = failed_deploy(tiny_pp2(broken), tmp_path / "setup", head, "SafetensorError")
+        # The error names the worker, the checkpoint and the cause.
+        took = failed_deploy(tiny_pp2(broken), tmp_path / "setup", head,
+                             f"failed to start from {broken}: SafetensorError")
         print(f"measured: unreadable checkpoint -> deploy failed {took:.1f}s after serve run started")
         # 2 CPUs: the replica (0.5) and stage 0 (1) fit, stage 1 (1 more) does not.
         late = tiny_pp2(tiny_ckpt, cpus_per_worker=1, placement_timeout_s=PLACEMENT_TIMEOUT_S)

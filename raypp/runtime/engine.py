@@ -181,6 +181,9 @@ class Engine:
             except Exception as e:  # a worker died or stalled, or a step failed: never hang
                 while True:
                     if self._make_executor is None or self.rebuilds >= self.config.parallel.max_rebuilds:
+                        # Dead for good: give the workers and placement groups back now, not when
+                        # Serve gets round to replacing the replica.
+                        await asyncio.to_thread(self.executor.shutdown)
                         self._fail_all(e)
                         return
                     try:

@@ -23,7 +23,7 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raypp.config import DeploymentConfig
-from raypp.errors import PlacementError
+from raypp.errors import WorkerSetupError
 from raypp.layout import Layout
 from raypp.parallel.placement import create_stage_groups, remove_groups, worker_bundle
 from raypp.runtime.step import StepInput, StepOutput
@@ -97,6 +97,7 @@ class StageActor:
 class RayExecutor:
     def __init__(self, model_path: str, config: DeploymentConfig, layout: Layout, num_blocks: int):
         par = config.parallel
+        self.step_timeout_s = par.step_timeout_s
         # Named per executor: several replicas (or engines) share one Ray namespace.
         self.groups = create_stage_groups(layout.tp, layout.pp, par, name=f"raypp-{uuid.uuid4().hex[:8]}")
         bundle = worker_bundle(par)
@@ -120,16 +121,31 @@ class RayExecutor:
                     tp_rank=rank % layout.tp, num_blocks=num_blocks, block_size=config.scheduler.block_size,
                     device=par.device, timeout_s=par.step_timeout_s))
                 for rank, actor in enumerate(self.actors)]
-            try:
-                self.worker_info = ray.get(setups, timeout=par.setup_timeout_s)
-            except ray.exceptions.GetTimeoutError:
-                raise PlacementError(
-                    f"worker setup (process groups, weight loading) did not finish within "
-                    f"{par.setup_timeout_s:g}s (parallel.setup_timeout_s): raise it for large checkpoints on "
-                    f"slow storage, or check that every node can reach {address[0]}") from None
+            self.worker_info = self._wait_setup(setups, layout, par.setup_timeout_s, address[0], model_path)
         except BaseException:
             self.shutdown()
             raise
+
+    @staticmethod
+    def _wait_setup(setups: list, layout: Layout, timeout_s: float, host: str, model_path: str) -> list[dict]:
+        """Every worker's setup, or an error naming the worker that failed and why."""
+        ready, pending = ray.wait(setups, num_returns=len(setups), timeout=timeout_s)
+        for rank, ref in enumerate(setups):
+            if ref in ready:
+                try:
+                    ray.get(ref)
+                except Exception as e:
+                    cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause else e
+                    raise WorkerSetupError(
+                        f"worker rank {rank} (stage {rank // layout.tp}, tp rank {rank % layout.tp}) failed to "
+                        f"start from {model_path}: {type(cause).__name__}: {cause}") from None
+        if pending:
+            late = [rank for rank, ref in enumerate(setups) if ref in pending]
+            raise WorkerSetupError(
+                f"worker setup (process groups, weight loading) of ranks {late} did not finish within "
+                f"{timeout_s:g}s (parallel.setup_timeout_s): raise it for large checkpoints on slow storage, "
+                f"or check that every node can reach {host}")
+        return ray.get(setups)
 
     def submit(self, step: StepInput) -> list[ray.ObjectRef]:
         # By value: a step is a few KB, so Ray inlines it in each call; a ray.put into the object
@@ -139,8 +155,9 @@ class RayExecutor:
     async def outputs(self, refs: list[ray.ObjectRef]) -> list[StepOutput]:
         return await asyncio.gather(*refs)
 
-    async def check_health(self, timeout_s: float = 10.0) -> None:
-        await asyncio.wait_for(asyncio.gather(*[a.ping.remote() for a in self.actors]), timeout_s)
+    async def check_health(self) -> None:
+        # A ping waits behind the steps queued on its actor: allow what a step may take.
+        await asyncio.wait_for(asyncio.gather(*[a.ping.remote() for a in self.actors]), self.step_timeout_s)
 
     def shutdown(self) -> None:
         for actor in self.actors:

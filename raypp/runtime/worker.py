@@ -1,6 +1,6 @@
 """One (stage, tp_rank) worker: its model shard, its KV cache, one step at a time.
 
-A plain class (no Ray here): the Ray actor in `ray_executor.py` wraps it, the
+A plain class (no Ray here): the Ray actor in `executors.py` wraps it, the
 in-process engine calls it directly, and the multi-process tests drive it with
 torch.multiprocessing.  Activations cross stages by torch.distributed
 point-to-point (to the same TP rank of the next stage); only the small
