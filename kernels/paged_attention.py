@@ -1,4 +1,5 @@
-"""Decode attention (one query token per sequence) over raypp's paged KV cache.
+"""Decode attention (one query token per sequence) over raypp's paged KV cache, and the
+reference for a prefill chunk over its cached prefix (kernels/cpu.cpp runs both on the CPU).
 
 The cache of a layer is flat, [num_blocks * block_size, kv_heads, head_dim] for K and for
 V; sequence b's context is the slots of the blocks in block_tables[b], in order, cut at
@@ -36,6 +37,18 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     v = v_cache.index_select(0, slots).view(b, max_len, *v_cache.shape[1:]).transpose(1, 2)
     o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return o.squeeze(2)
+
+
+def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                                mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """One sequence's prefill chunk: q [q, Hq, D] are the last q of its len(slots) context
+    tokens, whose cache slots are `slots`; mask [q, len(slots)] is causal over the cached
+    prefix and the chunk (None when the chunk is the whole context).  Returns [q, Hq, D]."""
+    k = k_cache.index_select(0, slots).transpose(0, 1)  # [Hkv, n, D]
+    v = v_cache.index_select(0, slots).transpose(0, 1)
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, is_causal=mask is None,
+                                       scale=scale, enable_gqa=True)
+    return o.transpose(0, 1)
 
 
 @jit

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import activation, gemv, paged_attention, rmsnorm, rotary
+from kernels import activation, cpu, gemv, paged_attention, rmsnorm, rotary
 
 if not kernels.HAS_TRITON:
     pytest.skip("triton is not installed (pip install -e '.[dev]' brings it)", allow_module_level=True)
@@ -125,12 +125,13 @@ def test_paged_decode_attention_split_context(dtype):
     assert_close(out, paged_attention.paged_decode_attention_ref(*args), dtype)
 
 
-def test_default_backend_is_torch_on_cpu_and_can_be_forced():
-    assert ops.backend(torch.device("cpu")) == "torch"
+def test_default_backend_on_cpu_is_not_triton_and_can_be_forced():
+    default = "cpu" if cpu.available() else "torch"  # the C++ kernels where they build (tests/test_cpu_kernels.py)
+    assert ops.backend(torch.device("cpu")) == default
     with ops.use("triton"):
         assert ops.backend(torch.device("cpu")) == "triton"
         assert ops.backend(torch.device("cpu"), attention=True) == "triton"
-    assert ops.backend(torch.device("cpu"), attention=True) == "torch"
+    assert ops.backend(torch.device("cpu"), attention=True) == default
 
 
 def load_model(path, dtype, device):

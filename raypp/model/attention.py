@@ -8,17 +8,17 @@ write is one indexed assignment and a read is one gather.
 
 All index tensors are built once per step (`AttentionMetadata.build`, on the host),
 moved to the model's device once (`to`, pinned and non-blocking) and shared by every
-layer.  Decode tokens (one query each) run as one batch through `ops.decode_attention`,
-which reads K/V through the block tables (a Triton or FlashInfer kernel on CUDA, a
-padded, masked gather on the CPU); prefill chunks run one sequence at a time with a
-causal mask that accounts for the context already in the cache (chunked prefill).
+layer.  `ops.attention` runs the batch: on the CPU kernels, all of it in one call that
+reads K/V in place through every sequence's block table; otherwise decode tokens (one
+query each) as one batch through `ops.decode_attention` (a Triton or FlashInfer kernel on
+CUDA, a padded, masked gather in the torch reference) and prefill chunks one sequence at a
+time with a causal mask that accounts for the context already in the cache (chunked prefill).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
 import torch
-import torch.nn.functional as F
 
 from raypp.model import ops
 
@@ -49,6 +49,10 @@ class AttentionMetadata:
     decode_pages: tuple            # FlashInfer's CSR page lists (indptr, indices, last page length), int32
     prefills: list[Prefill]
     block_size: int
+    # The whole batch for the CPU kernels' one attention call (None in DecodeGraph's, made by hand):
+    tables: torch.Tensor | None = None        # [S, max blocks] int32 block table of every sequence
+    seq_lens: torch.Tensor | None = None      # [S] int32 context length of every sequence, new tokens included
+    query_starts: torch.Tensor | None = None  # [S + 1] int32: sequence i's new tokens are rows starts[i] to starts[i + 1]
     plans: dict = field(default_factory=dict)  # per-step kernel plans (FlashInfer), shared by all layers
 
     @property
@@ -60,10 +64,11 @@ class AttentionMetadata:
               block_size: int, all_logits: bool = False) -> "AttentionMetadata":
         """query_lens[i] new tokens of sequence i, whose context becomes seq_lens[i] long."""
         positions, slot_mapping, logits_rows, prefills = [], [], [], []
-        decode_rows, decode_blocks, decode_lens = [], [], []
+        decode_rows, decode_blocks, decode_lens, all_blocks = [], [], [], []
         row = 0
         for q, n, table in zip(query_lens, seq_lens, block_tables):
             blocks = torch.tensor(table[: (n + block_size - 1) // block_size], dtype=torch.long)
+            all_blocks.append(blocks)
             ctx_slots = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:n]
             pos = torch.arange(n - q, n)
             positions.append(pos)
@@ -77,10 +82,7 @@ class AttentionMetadata:
                 mask = None if q == n else torch.arange(n)[None, :] <= pos[:, None]
                 prefills.append(Prefill(slice(row, row + q), ctx_slots, mask))
             row += q
-        widest = max((b.numel() for b in decode_blocks), default=0)
-        tables = torch.zeros(len(decode_blocks), widest, dtype=torch.int32)
-        for i, b in enumerate(decode_blocks):
-            tables[i, : b.numel()] = b
+        tables = _padded_tables(decode_blocks)
         lens = torch.tensor(decode_lens, dtype=torch.int32)
         pages = torch.tensor([b.numel() for b in decode_blocks], dtype=torch.int32)
         indptr = torch.cat((torch.zeros(1, dtype=torch.int32), pages.cumsum(0, dtype=torch.int32)))
@@ -88,7 +90,9 @@ class AttentionMetadata:
         cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)  # noqa: E731
         return cls(cat(positions), cat(slot_mapping), torch.tensor(logits_rows, dtype=torch.long),
                    torch.tensor(decode_rows, dtype=torch.long), tables, lens, max(decode_lens, default=0),
-                   (indptr, indices, lens - (pages - 1) * block_size), prefills, block_size)
+                   (indptr, indices, lens - (pages - 1) * block_size), prefills, block_size,
+                   tables=_padded_tables(all_blocks), seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+                   query_starts=torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32))
 
     def to(self, device: torch.device | str) -> "AttentionMetadata":
         """The same metadata with every tensor on `device` (itself when already there)."""
@@ -101,20 +105,15 @@ class AttentionMetadata:
         return replace(self, **moved, prefills=prefills, plans={})
 
 
+def _padded_tables(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """Block tables of different lengths as one int32 [len, widest] tensor, padded with block 0."""
+    tables = torch.zeros(len(blocks), max((b.numel() for b in blocks), default=0), dtype=torch.int32)
+    for i, b in enumerate(blocks):
+        tables[i, : b.numel()] = b
+    return tables
+
+
 def paged_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, Hq, D] of the new tokens, whose K/V are already in cache [2, slots, Hkv, D]
     (ops.rope_and_cache).  Returns [T, Hq, D]."""
-    k_cache, v_cache = cache[0], cache[1]
-    if meta.decode_rows.numel() == q.shape[0]:  # a pure decode step: no gather, no scatter
-        return ops.decode_attention(q, k_cache, v_cache, meta, scale)
-    out = torch.empty_like(q)
-    if meta.decode_rows.numel():
-        out[meta.decode_rows] = ops.decode_attention(q[meta.decode_rows], k_cache, v_cache, meta, scale)
-    for p in meta.prefills:
-        qp = q[p.rows].transpose(0, 1)                                # [Hq, q, D]
-        kp = k_cache.index_select(0, p.slots).transpose(0, 1)         # [Hkv, n, D]
-        vp = v_cache.index_select(0, p.slots).transpose(0, 1)
-        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, is_causal=p.mask is None,
-                                           scale=scale, enable_gqa=True)
-        out[p.rows] = o.transpose(0, 1)
-    return out
+    return ops.attention(q, cache[0], cache[1], meta, scale)

@@ -47,7 +47,7 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps)
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor):
-        """(norm(residual + x), residual + x) in one pass on CUDA."""
+        """(norm(residual + x), residual + x) in one pass (CUDA and CPU kernels)."""
         return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
@@ -108,7 +108,7 @@ class Block(nn.Module):
     def forward(self, h, delta, cos, sin, meta):
         """h: the residual stream; delta: the previous layer's MLP output, not yet added to it
         (None for a stage's first layer).  Returns (h, this layer's MLP output): each residual
-        add happens inside the next RMSNorm, one fused kernel on CUDA."""
+        add happens inside the next RMSNorm, one fused kernel."""
         if delta is None:
             normed = self.input_layernorm(h)
         else:
@@ -138,6 +138,8 @@ class Transformer(nn.Module):
             attn.kv_cache = torch.zeros(2, num_blocks * block_size, attn.local_kv_heads, attn.head_dim,
                                         dtype=w.dtype, device=w.device)
             total += attn.kv_cache.numel() * attn.kv_cache.element_size()
+        # Picking the kernels builds (or loads) the CPU ones: here at setup, not in the first step.
+        ops.backend(next(self.parameters()).device)
         return total
 
     def fuse_projections(self) -> None:

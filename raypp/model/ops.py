@@ -1,10 +1,12 @@
 """The one place where the model picks how its hot ops run.
 
 CUDA tensors go to the fused Triton kernels in `kernels/` (decode attention: FlashInfer when
-`flashinfer-python` is installed, else Triton); CPU tensors, or any host without Triton, get
-the torch references next to those kernels, which are what the CPU tests pin against
-transformers.  RAYPP_KERNELS=torch|triton|flashinfer, or `use()` in tests, overrides the
-choice for every device ("triton" on CPU tensors runs Triton's interpreter).
+`flashinfer-python` is installed, else Triton).  CPU tensors go to the C++ kernels of
+`kernels/cpu.py` (paged attention read in place, fused RMSNorm + residual, SiLU-and-mul),
+which the host's compiler builds on first use; without a compiler, they get the torch
+references next to the kernels, which are also the ground truth in tests.
+RAYPP_KERNELS=torch|cpu|triton|flashinfer, or `use()` in tests, overrides the choice for
+every device ("triton" on CPU tensors runs Triton's interpreter).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from contextlib import contextmanager
 import torch
 
 import kernels
-from kernels import activation, gemv, paged_attention, rmsnorm, rotary
+from kernels import activation, cpu, gemv, paged_attention, rmsnorm, rotary
 
 HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
 _forced: str | None = os.environ.get("RAYPP_KERNELS") or None
@@ -25,6 +27,8 @@ _forced: str | None = os.environ.get("RAYPP_KERNELS") or None
 def use(backend: str | None):
     """Run the enclosed code with `backend` for every op (None: choose by device)."""
     global _forced
+    if backend == "cpu" and not cpu.available():
+        raise RuntimeError("the CPU kernels are not built here (see the warning); use 'torch'")
     before, _forced = _forced, backend
     try:
         yield
@@ -33,6 +37,8 @@ def use(backend: str | None):
 
 
 def backend(device: torch.device, attention: bool = False) -> str:
+    if _forced == "cpu" or (not _forced and device.type == "cpu"):
+        return "cpu" if cpu.available() else "torch"
     if _forced:
         return "triton" if _forced == "flashinfer" and not attention else _forced
     if device.type != "cuda" or not kernels.HAS_TRITON:
@@ -46,36 +52,55 @@ use_gemv = True
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if use_gemv and x.dim() == 2 and x.shape[0] == 1 and backend(x.device) != "torch":
+    if use_gemv and x.dim() == 2 and x.shape[0] == 1 and backend(x.device) == "triton":
         return gemv.gemv(x, weight, bias)
     return gemv.gemv_ref(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if backend(x.device) == "torch":
+    name = backend(x.device)
+    if name == "torch":
         return rmsnorm.rms_norm_ref(x, weight, eps)
-    return rmsnorm.rms_norm(x, weight, eps)
+    return cpu.rms_norm(x, weight, eps) if name == "cpu" else rmsnorm.rms_norm(x, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """(rms_norm(residual + x), residual + x)."""
-    if backend(x.device) == "torch":
+    name = backend(x.device)
+    if name == "torch":
         return rmsnorm.add_rms_norm_ref(x, residual, weight, eps)
-    return rmsnorm.add_rms_norm(x, residual, weight, eps)
+    return (cpu if name == "cpu" else rmsnorm).add_rms_norm(x, residual, weight, eps)
 
 
 def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    if backend(gate.device) == "torch":
+    name = backend(gate.device)
+    if name == "torch":
         return activation.silu_and_mul_ref(gate, up)
-    return activation.silu_and_mul(gate, up)
+    return (cpu if name == "cpu" else activation).silu_and_mul(gate, up)
 
 
 def rope_and_cache(q, k, v, cos, sin, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """Rotates q and k, writes k and v into cache [2, slots, Hkv, D] at `slots`; returns q rotated."""
     k_cache, v_cache = cache[0], cache[1]  # views; indexing `cache[0, slots]` would copy the whole pool
-    if backend(q.device) == "torch":
+    if backend(q.device) in ("torch", "cpu"):
         return rotary.rope_and_cache_ref(q, k, v, cos, sin, k_cache, v_cache, slots)
     return rotary.rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots)
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float):
+    """q [T, Hq, D] of a flat batch of decode tokens and prefill chunks, whose K/V are already
+    in k/v_cache [slots, Hkv, D]; meta: AttentionMetadata.  Returns [T, Hq, D]."""
+    if backend(q.device, attention=True) == "cpu":  # the whole batch in one call, K/V read in place
+        return cpu.paged_attention(q, k_cache, v_cache, meta.tables, meta.seq_lens, meta.query_starts,
+                                   meta.block_size, scale)
+    if meta.decode_rows.numel() == q.shape[0]:  # a pure decode step: no gather, no scatter
+        return decode_attention(q, k_cache, v_cache, meta, scale)
+    out = torch.empty_like(q)
+    if meta.decode_rows.numel():
+        out[meta.decode_rows] = decode_attention(q[meta.decode_rows], k_cache, v_cache, meta, scale)
+    for p in meta.prefills:
+        out[p.rows] = paged_attention.paged_prefill_attention_ref(q[p.rows], k_cache, v_cache, p.slots, p.mask, scale)
+    return out
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float):
@@ -84,6 +109,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     name = backend(q.device, attention=True)
     if name == "torch":
         return paged_attention.paged_decode_attention_ref(*args)
+    if name == "cpu":
+        return cpu.paged_decode_attention(*args)
     if name == "flashinfer":
         return _flashinfer_decode(q, k_cache, v_cache, meta, scale)
     return paged_attention.paged_decode_attention(*args)

@@ -1,0 +1,260 @@
+// raypp's CPU kernels, built by kernels/cpu.py with the host's C++ compiler and loaded as
+// torch.ops.raypp_cpu.*.  Each one has a plain-torch reference in kernels/*.py that it must
+// equal (tests/test_cpu_kernels.py).
+//
+// Attention reads K/V straight out of the paged pool through the block tables: the torch
+// reference gathers every sequence's context into a padded copy first, on every layer.
+// Products accumulate in fp32 whatever the storage dtype.  Work is spread with
+// at::parallel_for, so torch.set_num_threads governs these kernels like torch's own.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// exp for the softmax and SiLU loops: std::exp is a libm call that keeps those loops scalar;
+// this (Cephes' expf: Cody-Waite reduction, degree-6 polynomial, exponent by bits) vectorises
+// and is within 2 ulp.  Inputs are clamped to the finite range, so exp(-inf) is ~1e-38, not 0.
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.3f), 88.7f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// Sums (dot products, softmax denominators, sums of squares) accumulate in double: raypp's
+// fp32 logits are pinned to transformers' within 1e-4, and the references' own rounding
+// already uses most of that; with fp32 sums the small preset's 64-token prefill drifted
+// to 1.2e-4, with double sums 9.2e-5 (the references: 8.5e-5).
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
+  double s = 0.;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
+  return static_cast<float>(s);
+}
+
+template <typename T>
+inline void axpy(float* acc, float p, const T* x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) acc[i] += p * static_cast<float>(x[i]);
+}
+
+// Row t of q attends to the first ctx[t] tokens of sequence seq[t].  One work item is a
+// (row, kv head): the `group` query heads sharing that kv head (GQA) use each K/V row while
+// it is in L1.  The row's scores are kept whole (ctx x group floats), so the softmax is an
+// exact two-pass one, not an online rescaling.
+template <typename T>
+void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+               const at::Tensor& tables, const std::vector<int64_t>& seq, const std::vector<int64_t>& ctx,
+               int64_t block_size, double scale) {
+  const int64_t rows = q.size(0), q_heads = q.size(1), dim = q.size(2), kv_heads = k.size(1);
+  const int64_t group = q_heads / kv_heads;
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int32_t* tp = tables.data_ptr<int32_t>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), os0 = out.stride(0), os1 = out.stride(1);
+  const int64_t ts0 = tables.stride(0);
+  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * dim), acc(group * dim), inv(group), scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / kv_heads, kvh = item % kv_heads, n = ctx[t];
+      const int32_t* table = tp + seq[t] * ts0;
+      scores.resize(group * n);
+      for (int64_t g = 0; g < group; ++g) {
+        const T* qrow = qp + t * qs0 + (kvh * group + g) * qs1;
+        for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = static_cast<float>(qrow[d]) * static_cast<float>(scale);
+      }
+      // Pass 1: scores, a block of the table at a time (one table read per block).
+      for (int64_t j0 = 0; j0 < n; j0 += block_size) {
+        const int64_t base = static_cast<int64_t>(table[j0 / block_size]) * block_size;
+        const int64_t len = std::min(block_size, n - j0);
+        for (int64_t o = 0; o < len; ++o) {
+          const T* krow = kp + (base + o) * ks0 + kvh * ks1;
+          for (int64_t g = 0; g < group; ++g) scores[g * n + j0 + o] = dot(&qf[g * dim], krow, dim);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* s = &scores[g * n];
+        float m = -INFINITY;
+        double sum = 0.;
+        for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < n; ++j) {
+          s[j] = fast_exp(s[j] - m);
+          sum += s[j];
+        }
+        inv[g] = static_cast<float>(1. / sum);
+      }
+      // Pass 2: the softmax-weighted sum of V rows.
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j0 = 0; j0 < n; j0 += block_size) {
+        const int64_t base = static_cast<int64_t>(table[j0 / block_size]) * block_size;
+        const int64_t len = std::min(block_size, n - j0);
+        for (int64_t o = 0; o < len; ++o) {
+          const T* vrow = vp + (base + o) * vs0 + kvh * vs1;
+          for (int64_t g = 0; g < group; ++g) axpy(&acc[g * dim], scores[g * n + j0 + o], vrow, dim);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        T* orow = op + t * os0 + (kvh * group + g) * os1;
+        for (int64_t d = 0; d < dim; ++d) orow[d] = static_cast<T>(acc[g * dim + d] * inv[g]);
+      }
+    }
+  });
+}
+
+// q [T, Hq, D]; k/v_cache [slots, Hkv, D]; block_tables [S, max_blocks] int32; seq_lens [S]
+// int32, each sequence's context with its new tokens.  query_starts [S + 1] int32 cuts q into
+// the sequences' new tokens (a prefill chunk attends causally to its cached prefix and to
+// itself); without it every sequence has one new token (decode).
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                           const std::optional<at::Tensor>& query_starts, int64_t block_size, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "q and the caches must be 3-d");
+  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(2) == 1 && v_cache.stride(2) == 1, "head_dim must be contiguous");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), "dtype mismatch");
+  TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt, "int32 tables and lengths");
+  const at::Tensor lens = seq_lens.contiguous();
+  const int32_t* lp = lens.data_ptr<int32_t>();
+  std::vector<int64_t> seq, ctx;
+  if (query_starts.has_value()) {
+    const at::Tensor starts = query_starts->contiguous();
+    TORCH_CHECK(starts.scalar_type() == at::kInt && starts.numel() == lens.numel() + 1, "query_starts: S + 1 int32");
+    const int32_t* sp = starts.data_ptr<int32_t>();
+    TORCH_CHECK(sp[lens.numel()] == q.size(0), "query_starts must cover q");
+    for (int64_t s = 0; s < lens.numel(); ++s) {
+      const int64_t new_tokens = sp[s + 1] - sp[s];
+      TORCH_CHECK(new_tokens <= lp[s], "a sequence has more new tokens than context");
+      for (int64_t i = 0; i < new_tokens; ++i) {
+        seq.push_back(s);
+        ctx.push_back(lp[s] - new_tokens + i + 1);
+      }
+    }
+  } else {
+    TORCH_CHECK(lens.numel() == q.size(0), "one context length per query row");
+    for (int64_t s = 0; s < lens.numel(); ++s) {
+      seq.push_back(s);
+      ctx.push_back(lp[s]);
+    }
+  }
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
+    attention<scalar_t>(q, k_cache, v_cache, out, block_tables, seq, ctx, block_size, scale);
+  });
+  return out;
+}
+
+// (rms_norm(x + residual), x + residual), or rms_norm(x) without a residual, in one pass over
+// the row: the references' order of rounding (sum rounded to the storage dtype, normalised in
+// fp32, rounded again, then scaled by the weight).
+template <typename T>
+void rms_norm_rows(const T* x, const T* res, const T* w, T* out, T* res_out, int64_t rows, int64_t d, double eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> h(d);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * d;
+      double ss = 0.;
+      if (res != nullptr) {
+        for (int64_t i = 0; i < d; ++i) {
+          const T sum = static_cast<T>(static_cast<float>(res[r * d + i]) + static_cast<float>(xr[i]));
+          res_out[r * d + i] = sum;
+          h[i] = static_cast<float>(sum);
+        }
+      } else {
+        for (int64_t i = 0; i < d; ++i) h[i] = static_cast<float>(xr[i]);
+      }
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < d; ++i) ss += h[i] * h[i];
+      const float rstd = static_cast<float>(1. / std::sqrt(ss / static_cast<double>(d) + eps));
+      for (int64_t i = 0; i < d; ++i)
+        out[r * d + i] = static_cast<T>(static_cast<float>(w[i]) * static_cast<float>(static_cast<T>(h[i] * rstd)));
+    }
+  });
+}
+
+std::vector<at::Tensor> rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                 const at::Tensor& weight, double eps) {
+  const at::Tensor xc = x.contiguous(), w = weight.to(x.scalar_type()).contiguous();
+  const int64_t d = x.size(-1), rows = d ? x.numel() / d : 0;
+  TORCH_CHECK(w.numel() == d, "weight must have the row's size");
+  at::Tensor out = at::empty_like(xc);
+  at::Tensor res, res_out;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(), "residual like x");
+    res = residual->contiguous();
+    res_out = at::empty_like(xc);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    rms_norm_rows<scalar_t>(xc.data_ptr<scalar_t>(), res.defined() ? res.data_ptr<scalar_t>() : nullptr,
+                            w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                            res_out.defined() ? res_out.data_ptr<scalar_t>() : nullptr, rows, d, eps);
+  });
+  if (res_out.defined()) return {out, res_out};
+  return {out};
+}
+
+// silu(gate) * up, row by row; gate and up may be the strided halves of one fused product.
+template <typename T>
+void silu_and_mul_rows(const T* gate, const T* up, T* out, int64_t rows, int64_t n, int64_t gs, int64_t us) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const float x = static_cast<float>(gate[r * gs + i]);
+        // Rounded to the storage dtype before the product, as F.silu(gate) * up rounds.
+        const float s = static_cast<float>(static_cast<T>(x / (1.f + fast_exp(-x))));
+        out[r * n + i] = static_cast<T>(s * static_cast<float>(up[r * us + i]));
+      }
+    }
+  });
+}
+
+at::Tensor silu_and_mul(const at::Tensor& gate, const at::Tensor& up) {
+  TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type(), "gate and up must match");
+  const int64_t n = gate.size(-1), rows = n ? gate.numel() / n : 0;
+  const at::Tensor g = gate.stride(-1) == 1 ? gate.reshape({rows, n}) : gate.contiguous().view({rows, n});
+  const at::Tensor u = up.stride(-1) == 1 ? up.reshape({rows, n}) : up.contiguous().view({rows, n});
+  at::Tensor out = at::empty(gate.sizes(), gate.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "silu_and_mul", [&] {
+    silu_and_mul_rows<scalar_t>(g.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, n,
+                                g.stride(0), u.stride(0));
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(raypp_cpu, m) {
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+        "Tensor? query_starts, int block_size, float scale) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> Tensor[]");
+  m.def("silu_and_mul(Tensor gate, Tensor up) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(raypp_cpu, CPU, m) {
+  m.impl("paged_attention", &paged_attention);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("silu_and_mul", &silu_and_mul);
+}

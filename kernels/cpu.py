@@ -1,0 +1,127 @@
+"""raypp's CPU kernels (kernels/cpu.cpp), loaded into torch as torch.ops.raypp_cpu.*.
+
+| here                      | reference                                   |
+|---------------------------|---------------------------------------------|
+| paged_decode_attention    | paged_attention.paged_decode_attention_ref  |
+| paged_attention (varlen)  | decode ref + paged_prefill_attention_ref    |
+| rms_norm, add_rms_norm    | rmsnorm.rms_norm_ref, add_rms_norm_ref      |
+| silu_and_mul              | activation.silu_and_mul_ref                 |
+
+A C++ extension rather than torch.compile: it reads the paged cache in place without a
+compiler stack in the serving process, builds in seconds with nothing but g++ and torch's
+headers, and its speed does not hinge on recompiles as batch shapes change every step
+(docs/benchmarks.md, "CPU kernels", has the numbers).
+
+The library is built the first time a process asks (`available()`), for this CPU
+(-march=native), and cached under $RAYPP_CACHE_DIR (default ~/.cache/raypp) by a key of the
+source, the flags, torch's version and the CPU, so later processes only load it.  Processes
+that start together (the workers of one deployment) build it once: the others wait on a file
+lock.  Without a compiler ($CXX, default g++), or if the build fails, `available()` is False
+after one warning and raypp runs the torch references.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu.cpp")
+_loaded: bool | None = None
+
+
+def _cpu_id() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("RAYPP_CACHE_DIR") or Path.home() / ".cache" / "raypp"
+    path = Path(root) / "kernels"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    except OSError:  # a read-only home: the build still works, cached per machine boot
+        path = Path(tempfile.gettempdir()) / f"raypp-kernels-{os.getuid()}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def build(cxx: str | None = None, cache_dir: Path | None = None) -> Path | None:
+    """The built library's path (built now unless cached), or None after a warning."""
+    cxx = cxx or os.environ.get("CXX") or "g++"
+    if shutil.which(cxx) is None:
+        warnings.warn(f"raypp: no C++ compiler ({cxx!r} not found): the CPU kernels are off, "
+                      "torch references run instead (slower)", RuntimeWarning, stacklevel=2)
+        return None
+    torch_dir = Path(torch.__file__).parent
+    inc = torch_dir / "include"
+    flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-DNDEBUG",
+             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+             f"-I{inc}", f"-I{inc / 'torch' / 'csrc' / 'api' / 'include'}"]
+    link = [f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}"]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, *flags, torch.__version__, _cpu_id()]).encode())
+    cache = cache_dir or _cache_dir()
+    lib = cache / f"raypp_cpu_{key.hexdigest()[:16]}.so"
+    with open(cache / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not lib.exists():
+            tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
+            proc = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(tmp), *link], capture_output=True, text=True)
+            if proc.returncode != 0:
+                tmp.unlink(missing_ok=True)
+                warnings.warn(f"raypp: building the CPU kernels failed, torch references run instead:\n"
+                              f"{proc.stderr[-2000:]}", RuntimeWarning, stacklevel=2)
+                return None
+            os.replace(tmp, lib)  # atomic: a reader never sees half a library
+    return lib
+
+
+def available() -> bool:
+    """Whether torch.ops.raypp_cpu is loaded; builds or loads it on the first call."""
+    global _loaded
+    if _loaded is None:
+        path = build()
+        _loaded = path is not None
+        if path is not None:
+            torch.ops.load_library(str(path))
+    return _loaded
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_starts, block_size: int, scale: float):
+    """A flat batch of sequences' new tokens (decodes and prefill chunks alike) over the paged
+    cache.  q [T, Hq, D]; k/v_cache [slots, Hkv, D]; block_tables [S, max_blocks], seq_lens [S]
+    (context including the new tokens) and query_starts [S + 1] (q's rows of each sequence), int32."""
+    return torch.ops.raypp_cpu.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_starts,
+                                               block_size, scale)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, max_len: int, block_size: int,
+                           scale: float):
+    """The reference's contract; max_len is not needed here."""
+    return torch.ops.raypp_cpu.paged_attention(q, k_cache, v_cache, block_tables, context_lens, None,
+                                               block_size, scale)
+
+
+def rms_norm(x, weight, eps: float):
+    return torch.ops.raypp_cpu.rms_norm(x, None, weight, eps)[0]
+
+
+def add_rms_norm(x, residual, weight, eps: float):
+    """(rms_norm(residual + x), residual + x)."""
+    out, h = torch.ops.raypp_cpu.rms_norm(x, residual, weight, eps)
+    return out, h
+
+
+def silu_and_mul(gate, up):
+    return torch.ops.raypp_cpu.silu_and_mul(gate, up)

@@ -1,0 +1,179 @@
+"""The CPU kernels (kernels/cpu.cpp) against their torch references, and the model through both.
+
+The build needs g++ (as on CI); where it exists these tests require the kernels to build.
+Contexts are random data in shuffled blocks, unused slots included, so a kernel that reads
+past a context or through the wrong table entry shows.
+"""
+import shutil
+
+import pytest
+import torch
+
+from kernels import activation, cpu, paged_attention, rmsnorm
+from raypp.model import ops
+from raypp.model.attention import AttentionMetadata
+
+if shutil.which("g++") is None:
+    pytest.skip("no g++: the CPU kernels cannot be built here", allow_module_level=True)
+assert cpu.available(), "the CPU kernels failed to build (see the warning above)"
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # relative: ||out - ref|| / ||ref||
+DTYPES = list(TOL)
+
+
+def rand(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def assert_close(out, ref, dtype):
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert err < TOL[dtype], f"relative error {err:.2e} >= {TOL[dtype]:.0e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 64), (5, 48), (3, 7, 200), (33, 1024)])
+def test_rms_norm(shape, dtype):
+    x, w = rand(*shape, dtype=dtype, seed=1), rand(shape[-1], dtype=dtype, seed=2)
+    assert_close(cpu.rms_norm(x, w, 1e-5), rmsnorm.rms_norm_ref(x, w, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 256), (7, 96), (40, 1024)])
+def test_add_rms_norm(shape, dtype):
+    x, res, w = rand(*shape, dtype=dtype, seed=3), rand(*shape, dtype=dtype, seed=4), rand(shape[-1], dtype=dtype, seed=5)
+    out, new_res = cpu.add_rms_norm(x, res, w, 1e-5)
+    ref_out, ref_res = rmsnorm.add_rms_norm_ref(x, res, w, 1e-5)
+    assert torch.equal(new_res, ref_res)  # the sum is rounded once, as the reference rounds it
+    assert_close(out, ref_out, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(dtype):
+    g, u = rand(9, 333, dtype=dtype, seed=6) * 8, rand(9, 333, dtype=dtype, seed=7)  # * 8: exp's far tails
+    assert_close(cpu.silu_and_mul(g, u), activation.silu_and_mul_ref(g, u), dtype)
+    g, u = rand(2, 3, 2 * 300, dtype=dtype, seed=12).split(300, dim=-1)  # halves of one fused product
+    assert_close(cpu.silu_and_mul(g, u), activation.silu_and_mul_ref(g, u), dtype)
+
+
+def paged_cache(lens, kv_heads, head_dim, block_size, dtype, seed):
+    """k/v caches of random data and int32 block tables of shuffled blocks, one row per context."""
+    widest = max((n + block_size - 1) // block_size for n in lens)
+    num_blocks = widest * len(lens) + 3
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed))
+    tables = torch.zeros(len(lens), widest, dtype=torch.int32)
+    for i, n in enumerate(lens):
+        used = (n + block_size - 1) // block_size
+        tables[i, :used] = order[i * widest: i * widest + used].int()
+    k = rand(num_blocks * block_size, kv_heads, head_dim, dtype=dtype, seed=seed + 1)
+    v = rand(num_blocks * block_size, kv_heads, head_dim, dtype=dtype, seed=seed + 2)
+    return k, v, tables
+
+
+DECODE_CASES = [  # lens, q_heads, kv_heads, head_dim, block_size
+    ([1, 5, 17], 4, 4, 16, 4),             # MHA, a one-token context, contexts crossing blocks
+    ([70, 3, 130, 64], 8, 2, 32, 16),      # GQA 4:1, one context exactly 4 blocks
+    ([33], 16, 8, 64, 16),                 # the tiny/small presets' heads, batch 1
+    ([300, 20, 1, 129], 32, 4, 128, 32),   # GQA 8:1, head_dim 128
+    ([9, 40], 6, 6, 64, 1),                # one-token blocks
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lens,q_heads,kv_heads,head_dim,block_size", DECODE_CASES)
+def test_paged_decode_attention(lens, q_heads, kv_heads, head_dim, block_size, dtype):
+    k, v, tables = paged_cache(lens, kv_heads, head_dim, block_size, dtype, seed=len(lens) + q_heads)
+    q = rand(len(lens), q_heads, head_dim, dtype=dtype, seed=99)
+    args = (q, k, v, tables, torch.tensor(lens, dtype=torch.int32), max(lens), block_size, head_dim ** -0.5)
+    assert_close(cpu.paged_decode_attention(*args), paged_attention.paged_decode_attention_ref(*args), dtype)
+
+
+def test_paged_decode_attention_same_on_one_and_two_threads():
+    k, v, tables = paged_cache([70, 3, 130, 64], 2, 32, 16, torch.float32, seed=5)
+    q = rand(4, 8, 32, seed=6)
+    args = (q, k, v, tables, torch.tensor([70, 3, 130, 64], dtype=torch.int32), 130, 16, 32 ** -0.5)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu.paged_decode_attention(*args)
+        torch.set_num_threads(2)
+        two = cpu.paged_decode_attention(*args)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)  # every (row, kv head) is computed whole by one thread
+
+
+MIXED_CASES = [  # (new tokens, context) per sequence, q_heads, kv_heads, head_dim, block_size
+    ([(1, 9), (12, 12), (1, 33)], 4, 2, 16, 4),              # decodes around a whole prompt
+    ([(5, 40), (1, 17), (30, 30), (1, 1), (16, 50)], 8, 2, 32, 16),  # chunks over cached prefixes
+    ([(64, 64)], 16, 8, 64, 16),                             # one prompt (the small preset's heads)
+    ([(7, 100), (1, 64), (3, 3)], 12, 3, 64, 32),            # GQA 4:1, a chunk crossing 3 blocks
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seqs,q_heads,kv_heads,head_dim,block_size", MIXED_CASES)
+def test_mixed_batch_attention_matches_reference_route(seqs, q_heads, kv_heads, head_dim, block_size, dtype):
+    """ops.attention on a flat batch of decodes and (chunked) prefills: the CPU kernel's one
+    call against the references' decode batch plus one masked SDPA per prefill."""
+    query_lens, lens = [q for q, _ in seqs], [n for _, n in seqs]
+    k, v, tables = paged_cache(lens, kv_heads, head_dim, block_size, dtype, seed=sum(lens))
+    meta = AttentionMetadata.build(query_lens, lens, tables.tolist(), block_size)
+    q = rand(sum(query_lens), q_heads, head_dim, dtype=dtype, seed=7)
+    with ops.use("torch"):
+        ref = ops.attention(q, k, v, meta, head_dim ** -0.5)
+    with ops.use("cpu"):
+        out = ops.attention(q, k, v, meta, head_dim ** -0.5)
+    assert_close(out, ref, dtype)
+
+
+def test_prefill_chunk_equals_its_reference():
+    """One chunk over a cached prefix, against paged_prefill_attention_ref directly."""
+    k, v, tables = paged_cache([45], 2, 16, 8, torch.float32, seed=3)
+    meta = AttentionMetadata.build([13], [45], tables.tolist(), 8)
+    q = rand(13, 6, 16, seed=4)
+    p = meta.prefills[0]
+    ref = paged_attention.paged_prefill_attention_ref(q, k, v, p.slots, p.mask, 0.25)
+    out = cpu.paged_attention(q, k, v, meta.tables, meta.seq_lens, meta.query_starts, 8, 0.25)
+    assert_close(out, ref, torch.float32)
+
+
+def test_missing_compiler_falls_back_with_a_warning(tmp_path):
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        assert cpu.build(cxx="no-such-g++", cache_dir=tmp_path) is None
+
+
+def test_dispatch_picks_the_cpu_kernels_and_can_be_forced():
+    assert ops.backend(torch.device("cpu")) == "cpu"
+    assert ops.backend(torch.device("cpu"), attention=True) == "cpu"
+    with ops.use("torch"):
+        assert ops.backend(torch.device("cpu")) == "torch"
+
+
+@torch.inference_mode()
+def test_model_through_cpu_kernels_matches_torch_path(tiny_ckpt):
+    """The tiny model, a prefill of two prompts, then a chunked prefill next to decodes, then
+    decodes: the same logits through the CPU kernels as through the references."""
+    from raypp.model.checkpoint import load_weights
+    from raypp.model.config import ModelConfig
+    from raypp.model.llama import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.from_dir(tiny_ckpt))
+    load_weights(model, tiny_ckpt, torch.float32, "cpu")
+    tables = [[i * 8 + j for j in range(8)] for i in range(3)]
+    steps = [  # (sequences, new tokens, context lengths) per step
+        ([0, 1], [20, 9], [20, 9]),
+        ([0, 1, 2], [1, 1, 18], [21, 10, 18]),       # the third prompt's first chunk
+        ([2, 0, 1], [17, 1, 1], [35, 22, 11]),       # its second chunk over the cached prefix
+        ([0, 1, 2], [1, 1, 1], [23, 12, 36]),
+    ]
+    logits = {}
+    for name in ("torch", "cpu"):
+        model.allocate_kv_cache(num_blocks=24, block_size=16)
+        ids = torch.arange(3, 3 + 40)
+        with ops.use(name):
+            logits[name] = [model(ids[: sum(q)], AttentionMetadata.build(q, n, [tables[s] for s in seqs], 16))
+                            for seqs, q, n in steps]
+    for out, ref in zip(logits["cpu"], logits["torch"]):
+        assert (out - ref).abs().max().item() < 1e-4
