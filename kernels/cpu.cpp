@@ -41,16 +41,16 @@ inline float fast_exp(float x) {
   return p * scale;
 }
 
-// Sums (dot products, softmax denominators, sums of squares) accumulate in double: raypp's
-// fp32 logits are pinned to transformers' within 1e-4, and the references' own rounding
-// already uses most of that; with fp32 sums the small preset's 64-token prefill drifted
-// to 1.2e-4, with double sums 9.2e-5 (the references: 8.5e-5).
+// Softmax denominators and sums of squares accumulate in double: raypp's fp32 logits are
+// pinned to transformers' within 1e-4, and the references' own rounding already uses most of
+// that (8.5e-5 on the small preset's 64-token prefill; these kernels 9.0e-5, and 1.2e-4 with
+// every sum in fp32).  A dot product of one head (D terms over 16 SIMD lanes) stays fp32.
 template <typename T>
 inline float dot(const float* a, const T* b, int64_t n) {
-  double s = 0.;
+  float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
-  return static_cast<float>(s);
+  return s;
 }
 
 template <typename T>
@@ -59,43 +59,48 @@ inline void axpy(float* acc, float p, const T* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += p * static_cast<float>(x[i]);
 }
 
-// Row t of q attends to the first ctx[t] tokens of sequence seq[t].  One work item is a
-// (row, kv head): the `group` query heads sharing that kv head (GQA) use each K/V row while
-// it is in L1.  The row's scores are kept whole (ctx x group floats), so the softmax is an
-// exact two-pass one, not an online rescaling.
+// Row t of q attends to the first ctx[t] tokens of sequence seq[t].  A work item is a row and
+// a range of its kv heads (the whole row unless rows are fewer than threads): each context
+// token's K (then V) for those heads is one contiguous run of memory, and a cache block's
+// tokens are adjacent slots, so the walk streams through each block instead of striding
+// across heads.  Every query head of a kv head's group (GQA) uses its K/V row while it is in
+// L1.  The scores are kept whole (heads x ctx floats), so the softmax is an exact two-pass
+// one, not an online rescaling.
 template <typename T>
 void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                const at::Tensor& tables, const std::vector<int64_t>& seq, const std::vector<int64_t>& ctx,
                int64_t block_size, double scale) {
   const int64_t rows = q.size(0), q_heads = q.size(1), dim = q.size(2), kv_heads = k.size(1);
   const int64_t group = q_heads / kv_heads;
+  const int64_t parts = std::clamp<int64_t>((2 * at::get_num_threads() + rows - 1) / std::max<int64_t>(rows, 1),
+                                            1, kv_heads);
   const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const int32_t* tp = tables.data_ptr<int32_t>();
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), os0 = out.stride(0), os1 = out.stride(1);
   const int64_t ts0 = tables.stride(0);
-  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * dim), acc(group * dim), inv(group), scores;
+  at::parallel_for(0, rows * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(q_heads * dim), acc(q_heads * dim), inv(q_heads), scores;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t t = item / kv_heads, kvh = item % kv_heads, n = ctx[t];
+      const int64_t t = item / parts, part = item % parts, n = ctx[t];
+      const int64_t h0 = part * kv_heads / parts, h1 = (part + 1) * kv_heads / parts, nh = (h1 - h0) * group;
       const int32_t* table = tp + seq[t] * ts0;
-      scores.resize(group * n);
-      for (int64_t g = 0; g < group; ++g) {
-        const T* qrow = qp + t * qs0 + (kvh * group + g) * qs1;
-        for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = static_cast<float>(qrow[d]) * static_cast<float>(scale);
+      scores.resize(nh * n);
+      for (int64_t h = 0; h < nh; ++h) {
+        const T* qrow = qp + t * qs0 + (h0 * group + h) * qs1;
+        for (int64_t d = 0; d < dim; ++d) qf[h * dim + d] = static_cast<float>(qrow[d]) * static_cast<float>(scale);
       }
       // Pass 1: scores, a block of the table at a time (one table read per block).
       for (int64_t j0 = 0; j0 < n; j0 += block_size) {
         const int64_t base = static_cast<int64_t>(table[j0 / block_size]) * block_size;
-        const int64_t len = std::min(block_size, n - j0);
-        for (int64_t o = 0; o < len; ++o) {
-          const T* krow = kp + (base + o) * ks0 + kvh * ks1;
-          for (int64_t g = 0; g < group; ++g) scores[g * n + j0 + o] = dot(&qf[g * dim], krow, dim);
+        for (int64_t j = j0; j < std::min(j0 + block_size, n); ++j) {
+          const T* kslot = kp + (base + j - j0) * ks0;
+          for (int64_t h = 0; h < nh; ++h) scores[h * n + j] = dot(&qf[h * dim], kslot + (h0 + h / group) * ks1, dim);
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = &scores[g * n];
+      for (int64_t h = 0; h < nh; ++h) {
+        float* s = &scores[h * n];
         float m = -INFINITY;
         double sum = 0.;
         for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
@@ -104,21 +109,20 @@ void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
           s[j] = fast_exp(s[j] - m);
           sum += s[j];
         }
-        inv[g] = static_cast<float>(1. / sum);
+        inv[h] = static_cast<float>(1. / sum);
       }
       // Pass 2: the softmax-weighted sum of V rows.
-      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(acc.begin(), acc.begin() + nh * dim, 0.f);
       for (int64_t j0 = 0; j0 < n; j0 += block_size) {
         const int64_t base = static_cast<int64_t>(table[j0 / block_size]) * block_size;
-        const int64_t len = std::min(block_size, n - j0);
-        for (int64_t o = 0; o < len; ++o) {
-          const T* vrow = vp + (base + o) * vs0 + kvh * vs1;
-          for (int64_t g = 0; g < group; ++g) axpy(&acc[g * dim], scores[g * n + j0 + o], vrow, dim);
+        for (int64_t j = j0; j < std::min(j0 + block_size, n); ++j) {
+          const T* vslot = vp + (base + j - j0) * vs0;
+          for (int64_t h = 0; h < nh; ++h) axpy(&acc[h * dim], scores[h * n + j], vslot + (h0 + h / group) * vs1, dim);
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        T* orow = op + t * os0 + (kvh * group + g) * os1;
-        for (int64_t d = 0; d < dim; ++d) orow[d] = static_cast<T>(acc[g * dim + d] * inv[g]);
+      for (int64_t h = 0; h < nh; ++h) {
+        T* orow = op + t * os0 + (h0 * group + h) * os1;
+        for (int64_t d = 0; d < dim; ++d) orow[d] = static_cast<T>(acc[h * dim + d] * inv[h]);
       }
     }
   });

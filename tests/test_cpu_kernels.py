@@ -41,7 +41,8 @@ def test_rms_norm(shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 256), (7, 96), (40, 1024)])
 def test_add_rms_norm(shape, dtype):
-    x, res, w = rand(*shape, dtype=dtype, seed=3), rand(*shape, dtype=dtype, seed=4), rand(shape[-1], dtype=dtype, seed=5)
+    x, res = rand(*shape, dtype=dtype, seed=3), rand(*shape, dtype=dtype, seed=4)
+    w = rand(shape[-1], dtype=dtype, seed=5)
     out, new_res = cpu.add_rms_norm(x, res, w, 1e-5)
     ref_out, ref_res = rmsnorm.add_rms_norm_ref(x, res, w, 1e-5)
     assert torch.equal(new_res, ref_res)  # the sum is rounded once, as the reference rounds it
@@ -88,10 +89,13 @@ def test_paged_decode_attention(lens, q_heads, kv_heads, head_dim, block_size, d
     assert_close(cpu.paged_decode_attention(*args), paged_attention.paged_decode_attention_ref(*args), dtype)
 
 
-def test_paged_decode_attention_same_on_one_and_two_threads():
-    k, v, tables = paged_cache([70, 3, 130, 64], 2, 32, 16, torch.float32, seed=5)
-    q = rand(4, 8, 32, seed=6)
-    args = (q, k, v, tables, torch.tensor([70, 3, 130, 64], dtype=torch.int32), 130, 16, 32 ** -0.5)
+@pytest.mark.parametrize("lens", [[70, 3, 130, 64], [130]])
+def test_paged_decode_attention_same_on_one_and_two_threads(lens):
+    """Rows fewer than twice the threads are split by kv heads too (batch 1: 2 parts on one
+    thread, 4 on two); every head is computed whole by one thread either way."""
+    k, v, tables = paged_cache(lens, 8, 32, 16, torch.float32, seed=5)
+    q = rand(len(lens), 16, 32, seed=6)
+    args = (q, k, v, tables, torch.tensor(lens, dtype=torch.int32), max(lens), 16, 32 ** -0.5)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -100,7 +104,8 @@ def test_paged_decode_attention_same_on_one_and_two_threads():
         two = cpu.paged_decode_attention(*args)
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(one, two)  # every (row, kv head) is computed whole by one thread
+    assert torch.equal(one, two)
+    assert_close(one, paged_attention.paged_decode_attention_ref(*args), torch.float32)
 
 
 MIXED_CASES = [  # (new tokens, context) per sequence, q_heads, kv_heads, head_dim, block_size

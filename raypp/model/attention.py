@@ -52,7 +52,7 @@ class AttentionMetadata:
     # The whole batch for the CPU kernels' one attention call (None in DecodeGraph's, made by hand):
     tables: torch.Tensor | None = None        # [S, max blocks] int32 block table of every sequence
     seq_lens: torch.Tensor | None = None      # [S] int32 context length of every sequence, new tokens included
-    query_starts: torch.Tensor | None = None  # [S + 1] int32: sequence i's new tokens are rows starts[i] to starts[i + 1]
+    query_starts: torch.Tensor | None = None  # [S + 1] int32: sequence i's new tokens are rows [s[i], s[i + 1])
     plans: dict = field(default_factory=dict)  # per-step kernel plans (FlashInfer), shared by all layers
 
     @property
