@@ -50,7 +50,7 @@ LAYOUTS = {  # name: (pp, micro_batches or None for the default, cpus per worker
     "PP4-mb5": (4, 5, 0.5),
 }
 PEERS_LAYOUTS = ("PP2-mb2", "PP2-mb3")
-TIMELINES = ("PP2-mb1", "PP2-mb3")
+TIMELINES = ("PP2-mb1", "PP2-mb2")
 LIMIT_BATCHES = (32, 16, 11, 8, 7)
 RAY_INIT = dict(address="local", num_cpus=4, include_dashboard=False, object_store_memory=100 * 2**20)
 
@@ -112,12 +112,21 @@ class TimelineRecorder:
 
 
 def steady_slice(rows: list[dict], seconds: float = 1.0) -> list[dict]:
-    """One second from the middle of the run's steps."""
+    """`seconds` of decode steps from the middle of the runs: prefill steps (several times the median
+    step) and the gaps between runs stay out."""
     if not rows:
         return []
-    ends = sorted(r["end"] for r in rows)
-    mid = ends[len(ends) // 2]
-    return [r for r in rows if mid - seconds / 2 <= r["start"] <= mid + seconds / 2]
+    med = statistics.median(r["end"] - r["start"] for r in rows)
+    decode = sorted((r for r in rows if r["end"] - r["start"] < 3 * med), key=lambda r: r["start"])
+    begin = decode[len(decode) // 2]["start"]
+    window = [r for r in decode if begin <= r["start"] <= begin + seconds]
+    # Stop at the first gap longer than a few steps (the end of a run).
+    out = window[:1]
+    for r in window[1:]:
+        if r["start"] - max(x["end"] for x in out) > 5 * med:
+            break
+        out.append(r)
+    return out
 
 
 def run_checkpoint(tag: str, path: Path, reps: int, names: list[str]) -> dict:
@@ -185,20 +194,21 @@ def plot(results: dict, path: Path) -> str | None:
     panels = [n for n in TIMELINES if small.get("layouts", {}).get(n, {}).get("timeline")]
     fig, ax = plt.subplots(1 + len(panels), 1, figsize=(13, 3.6 * (1 + len(panels))))
     ax = ax if len(panels) else [ax]
+    names = [n for n in LAYOUTS if any(n in ck["layouts"] for ck in results["checkpoints"].values())]
     for i, (tag, ck) in enumerate(results["checkpoints"].items()):
-        names = [n for n in LAYOUTS if n in ck["layouts"]]
-        xs = [k + i * 0.4 for k in range(len(names))]
-        ax[0].bar(xs, [ck["layouts"][n]["vs_PP1"]["output_tok_s"]["median"] for n in names], 0.4, label=f"{tag}: measured")
-        ax[0].scatter(xs, [ck["layouts"][n]["limit"] for n in names], marker="_", s=400, color="k", zorder=3,
+        xs = [k + i * 0.4 for k, n in enumerate(names) if n in ck["layouts"]]
+        here = [n for n in names if n in ck["layouts"]]
+        ax[0].bar(xs, [ck["layouts"][n]["vs_PP1"]["output_tok_s"]["median"] for n in here], 0.4, label=f"{tag}: measured")
+        ax[0].scatter(xs, [ck["layouts"][n]["limit"] for n in here], marker="_", s=400, color="k", zorder=3,
                       label="limit set by step costs" if i == 0 else None)
-        ax[0].set_xticks(range(len(names)), names)
+    ax[0].set_xticks([k + 0.2 * (len(results["checkpoints"]) - 1) for k in range(len(names))], names)
     ax[0].axhline(1, color="grey", lw=1)
     ax[0].set(ylabel="output tok/s / PP=1", title=f"{CONCURRENCY} requests, {INPUT_LEN} in / {OUTPUT_LEN} out, "
                                                    "one core per worker (PP4: half)")
     ax[0].legend(fontsize=8)
     colors = {"busy": "tab:green", "wait_prev": "tab:orange", "wait_tokens": "tab:purple"}
     for a, name in zip(ax[1:], panels):
-        rows = small["layouts"][name]["timeline"]
+        rows = steady_slice(small["layouts"][name]["timeline"])
         t0 = min(r["start"] for r in rows)
         for r in rows:
             y, s = r["stage"], r["start"] - t0
