@@ -11,7 +11,7 @@ then Transformer.forward.  The two routes run in turns, `--reps` times each, and
 are reported, at batch 1 and 32; then the ops alone at batch 32 (decode attention over the
 paged cache, add + RMSNorm, SiLU-and-mul) and one prefill step of 32 x 128-token prompts.
 `--compile` adds the route not taken: the reference decode attention under torch.compile,
-its first call (the compile) and its steady call, then the first call at the next step's
+its first call (a cold compile: inductor gets an empty cache directory) and its steady call, then the first call at the next step's
 shape (one more context token), as every decode step brings.  `--profile` prints where a
 batch-32 decode step's time goes on the CPU kernels (torch.profiler, self CPU time by op).
 """
@@ -22,6 +22,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,6 +63,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_kernels.json"))
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    if args.compile:  # a cold compile, as a fresh worker pays it: no cache from an earlier run
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="raypp-inductor-")
     import torch
 
     from kernels import activation, cpu, paged_attention, rmsnorm

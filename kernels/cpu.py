@@ -94,9 +94,14 @@ def available() -> bool:
     global _loaded
     if _loaded is None:
         path = build()
+        try:
+            if path is not None:
+                torch.ops.load_library(str(path))
+        except OSError as e:  # e.g. a cached library that this process's libraries cannot satisfy
+            warnings.warn(f"raypp: loading the CPU kernels failed, torch references run instead: {e}",
+                          RuntimeWarning, stacklevel=2)
+            path = None
         _loaded = path is not None
-        if path is not None:
-            torch.ops.load_library(str(path))
     return _loaded
 
 

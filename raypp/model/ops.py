@@ -5,8 +5,8 @@ CUDA tensors go to the fused Triton kernels in `kernels/` (decode attention: Fla
 `kernels/cpu.py` (paged attention read in place, fused RMSNorm + residual, SiLU-and-mul),
 which the host's compiler builds on first use; without a compiler, they get the torch
 references next to the kernels, which are also the ground truth in tests.
-RAYPP_KERNELS=torch|cpu|triton|flashinfer, or `use()` in tests, overrides the choice for
-every device ("triton" on CPU tensors runs Triton's interpreter).
+RAYPP_KERNELS=torch|cpu|triton|flashinfer, or `use()` in tests, overrides the choice
+("triton" on CPU tensors runs Triton's interpreter; "cpu" touches only CPU tensors).
 """
 from __future__ import annotations
 
@@ -37,9 +37,9 @@ def use(backend: str | None):
 
 
 def backend(device: torch.device, attention: bool = False) -> str:
-    if _forced == "cpu" or (not _forced and device.type == "cpu"):
+    if device.type == "cpu" and _forced in (None, "cpu"):
         return "cpu" if cpu.available() else "torch"
-    if _forced:
+    if _forced and _forced != "cpu":  # "cpu" leaves CUDA tensors their own kernels
         return "triton" if _forced == "flashinfer" and not attention else _forced
     if device.type != "cuda" or not kernels.HAS_TRITON:
         return "torch"
