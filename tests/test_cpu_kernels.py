@@ -148,11 +148,22 @@ def test_missing_compiler_falls_back_with_a_warning(tmp_path):
         assert cpu.build(cxx="no-such-g++", cache_dir=tmp_path) is None
 
 
-def test_dispatch_picks_the_cpu_kernels_and_can_be_forced():
+def test_failed_build_falls_back_with_a_warning(tmp_path):
+    with pytest.warns(RuntimeWarning, match="building the CPU kernels failed"):
+        assert cpu.build(cxx="false", cache_dir=tmp_path) is None  # a "compiler" that always fails
+    assert not list(tmp_path.glob("*.so*"))  # nothing half-built left for the next process
+
+
+def test_dispatch_picks_the_cpu_kernels_and_can_be_forced(monkeypatch):
     assert ops.backend(torch.device("cpu")) == "cpu"
     assert ops.backend(torch.device("cpu"), attention=True) == "cpu"
     with ops.use("torch"):
         assert ops.backend(torch.device("cpu")) == "torch"
+    monkeypatch.setattr(cpu, "_loaded", False)  # as after a failed build: the references run
+    assert ops.backend(torch.device("cpu"), attention=True) == "torch"
+    with pytest.raises(RuntimeError, match="not built"):
+        with ops.use("cpu"):
+            pass
 
 
 @torch.inference_mode()
