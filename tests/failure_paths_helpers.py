@@ -43,9 +43,9 @@ def ray_head(workdir, num_cpus: int = 3):
 
 
 @contextmanager
-def serving(config: dict, workdir):
+def serving(config: dict, workdir, num_cpus: int = 3):
     """`serve run` of `config` on a private Ray head, this process connected to it."""
-    with ray_head(workdir) as head, ServeRun(config, workdir / "serve", address=head.address) as server:
+    with ray_head(workdir, num_cpus) as head, ServeRun(config, workdir / "serve", address=head.address) as server:
         yield server
 
 

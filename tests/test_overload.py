@@ -93,7 +93,9 @@ async def client(c: httpx.AsyncClient, k: int, deadline: float, tally: dict) -> 
 
 async def load(base_url: str) -> dict:
     tally = {"200": 0, "429": 0}
-    limits = httpx.Limits(max_connections=CLIENTS + 10, max_keepalive_connections=CLIENTS + 10)
+    # A fresh connection per request: reusing a kept-alive one races the proxy closing it when
+    # idle, and that ReadError (seen once under a loaded machine) is the client's, not raypp's.
+    limits = httpx.Limits(max_connections=CLIENTS + 10, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as c:
         deadline = time.monotonic() + DURATION_S
         await asyncio.gather(*[client(c, k, deadline, tally) for k in range(CLIENTS)])
