@@ -5,28 +5,21 @@ Real processes (torch.multiprocessing, gloo), no Ray: each process is one
 step the last stage's TP rank 0 broadcasts the sampled tokens so every rank can
 form the next step, as the engine's scheduler would.
 """
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from raypp.model.config import ModelConfig
 from raypp.parallel.layout import make_layout
 from raypp.runtime.step import PLACEHOLDER, Placeholder, StepInput
 from raypp.runtime.worker import StageWorker
+from tests.ranks import run_ranks
 from tests.reference import greedy, random_prompts
 
 LENGTHS = [7, 20, 3]
 NEW_TOKENS = 8
 BLOCK = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def generate_on_layout(rank, world, port, path, tp, pp, stage_layers, prompts, results):
@@ -69,24 +62,8 @@ def generate_on_layout(rank, world, port, path, tp, pp, stage_layers, prompts, r
 
 
 def run_layout(path, tp, pp, prompts, stage_layers=None):
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=generate_on_layout,
-                         args=(r, tp * pp, port, str(path), tp, pp, stage_layers, prompts, results))
-             for r in range(tp * pp)]
-    for p in procs:
-        p.start()
-    try:
-        logits, generated, _ = results.get(timeout=240)
-        logits = torch.from_numpy(logits)
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    assert all(p.exitcode == 0 for p in procs)
-    return logits, generated
+    (logits, generated, _), = run_ranks(generate_on_layout, tp * pp, (str(path), tp, pp, stage_layers, prompts), 1)
+    return torch.from_numpy(logits), generated
 
 
 @pytest.fixture(scope="module")

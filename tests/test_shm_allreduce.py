@@ -2,23 +2,16 @@
 every rank, gloo for what does not fit, a bounded wait for a rank that never arrives, and
 nothing left in /dev/shm."""
 import os
-import socket
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from raypp.parallel.shm_allreduce import ShmAllReduce
+from tests.ranks import run_ranks
 
 SHAPES = [(1, 64), (16, 1024), (3, 5, 7)]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, mode, results):
@@ -57,21 +50,7 @@ def _worker(rank, world, port, mode, results):
 
 
 def run(world, mode):
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, mode, results)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        got = dict(results.get(timeout=120) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    assert all(p.exitcode == 0 for p in procs)
-    return got
+    return dict(run_ranks(_worker, world, (mode,), world, timeout_s=120))
 
 
 @pytest.mark.parametrize("world", [2, 3])
