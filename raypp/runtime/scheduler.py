@@ -110,13 +110,18 @@ class Scheduler:
             if victim not in keep and not victim.in_flight:
                 self.running.remove(victim)
                 self.blocks.free(victim.request_id)
-                victim.num_computed = 0
-                victim.status = Status.WAITING
+                self._requeue(victim)
                 victim.num_preemptions += 1
-                self.waiting.appendleft(victim)
                 self.num_preemptions += 1
                 return True
         return False
+
+    def _requeue(self, seq: Sequence) -> None:
+        """Back to the front of the queue, to be recomputed from prompt + tokens seen (its blocks are freed)."""
+        seq.num_computed = seq.num_running = seq.steps_in_flight = seq.unseen = 0
+        seq.last_sampler = None
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
 
     def _reserve(self, seq: Sequence, chunk: int, batch: list[Sequence]) -> bool:
         tokens = seq.num_computed + seq.num_running + chunk
@@ -214,10 +219,7 @@ class Scheduler:
         """The workers and their KV caches are gone: every running sequence goes back to the front of
         the queue, in admission order, to be recomputed from prompt + tokens seen; all blocks are free."""
         for seq in reversed(self.running):
-            seq.num_computed = seq.num_running = seq.steps_in_flight = seq.unseen = 0
-            seq.last_sampler = None
-            seq.status = Status.WAITING
-            self.waiting.appendleft(seq)
+            self._requeue(seq)
         self.running.clear()
         for rid in list(self.blocks.tables):
             self.blocks.free(rid)
