@@ -38,7 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline_scaling import CONCURRENCY, INPUT_LEN, OUTPUT_LEN, TOKEN_BUDGET, LayoutRun, measure_against_ref  # noqa: E402
+from pipeline_scaling import (CONCURRENCY, INPUT_LEN, OUTPUT_LEN, RAY_INIT, TOKEN_BUDGET, LayoutRun,  # noqa: E402
+                              measure_against_ref, small_checkpoint)
 
 from raypp import benchmark as bench  # noqa: E402
 
@@ -52,7 +53,6 @@ LAYOUTS = {  # name: (pp, micro_batches or None for the default, cpus per worker
 PEERS_LAYOUTS = ("PP2-mb2", "PP2-mb3")
 TIMELINES = ("PP2-mb1", "PP2-mb2")
 LIMIT_BATCHES = (32, 16, 11, 8, 7)
-RAY_INIT = dict(address="local", num_cpus=4, include_dashboard=False, object_store_memory=100 * 2**20)
 
 
 def log(msg: str) -> None:
@@ -240,10 +240,7 @@ def main() -> int:
     bench.env_defaults()
     import ray
 
-    small = Path(args.small)
-    if not (small / "config.json").is_file():
-        from raypp.model.tiny import make_checkpoint
-        make_checkpoint(small, preset="small")
+    small = small_checkpoint(Path(args.small))
     only = [n for n in args.only.split(",") if n] or list(LAYOUTS)
     cks = {"small": (small, [n for n in LAYOUTS if n in only])}
     if (Path(args.peers_ckpt) / "config.json").is_file():

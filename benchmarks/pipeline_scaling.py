@@ -64,6 +64,15 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def small_checkpoint(path: Path) -> Path:
+    """raypp's `small` checkpoint at `path`, made first if absent."""
+    if not (path / "config.json").is_file():
+        from raypp.model.tiny import make_checkpoint
+        log(f"[scaling] making the `small` checkpoint in {path}")
+        make_checkpoint(path, preset="small")
+    return path
+
+
 def planner(model: str, tp: int, pp: int, c: int, inp: int, out: int, mb: int | None = None) -> dict | None:
     cmd = [sys.executable, "-m", "raypp.cli", "plan", "--model", model, "--gpu", "cpu", "--gpus-per-node",
            str(tp * pp), "--dtype", "fp32", "--concurrency", str(c), "--input-len", str(inp),
@@ -366,11 +375,7 @@ def main() -> int:
     bench.env_defaults()
     import ray
 
-    small = Path(args.small)
-    if not (small / "config.json").is_file():
-        from raypp.model.tiny import make_checkpoint
-        log(f"[scaling] making the `small` checkpoint in {small}")
-        make_checkpoint(small, preset="small")
+    small = small_checkpoint(Path(args.small))
     cks = {"small": (small, "small")}
     if (Path(args.peers_ckpt) / "config.json").is_file():
         cks["peers"] = (Path(args.peers_ckpt), str(Path(args.peers_ckpt) / "config.json"))
