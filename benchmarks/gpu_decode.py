@@ -2,7 +2,8 @@
 """raypp on one GPU: each kernel's achieved HBM bandwidth, and decode tokens/s against the
 weight-bytes roofline.
 
-    python benchmarks/gpu_decode.py [--preset 1b] [--batches 1,16] [--out benchmarks/results/gpu_decode.json]
+    python benchmarks/gpu_decode.py [--preset 1b] [--batches 1,16] [--engine-batches 1,8,32,64]
+                                    [--out benchmarks/results/gpu_decode.json]
     python benchmarks/gpu_decode.py --dry-run --out /tmp/dry.json   # CPU, tiny shapes: the script runs
 
 1. Ceiling: a device-to-device copy of 2 GiB (bytes read + written over time).
@@ -15,6 +16,9 @@ weight-bytes roofline.
    product on cuBLAS instead of kernels/gemv.py (which only batch 1 uses).  Every step builds
    its metadata on the host and reads the sampled ids back, as the engine's worker does.
    Roofline tokens/s = batch x copy bandwidth / (weight bytes + KV bytes read per step).
+4. Engine path: the same checkpoint through the engine's StageWorker (`execute`: metadata,
+   sampling, the step's timing), greedy decode steps one after another, CUDA graphs off
+   (parallel.cuda_graph_max_batch 0) and on, per batch size; both workers' tokens compared.
 
 --dry-run runs the same code on the CPU with tiny shapes (Triton's interpreter for the
 kernels); its numbers mean nothing, it checks that the GPU run will not fail on a typo.
@@ -163,7 +167,8 @@ def load(path: str, dtype: torch.dtype, device: str, num_blocks: int, block_size
 
 
 @torch.inference_mode()
-def decode_run(model, mode: str, batch: int, prompt: int, steps: int, block_size: int, device: str) -> dict:
+def decode_run(model, mode: str, batch: int, prompt: int, steps: int, block_size: int, scratch_block: int,
+               device: str) -> dict:
     """Prefill `batch` prompts, then `steps` greedy decode steps; returns the decode tokens/s."""
     from raypp.model.cuda_graph import DecodeGraph
 
@@ -173,22 +178,22 @@ def decode_run(model, mode: str, batch: int, prompt: int, steps: int, block_size
     ids = torch.randint(3, vocab, (batch * prompt,), generator=torch.Generator().manual_seed(0)).to(device)
     ops.use_gemv = mode != "graph-cublas"
     with ops.use("torch" if mode == "eager-torch" else "triton"):
-        # Captured before the prefill: capture writes its dummy tokens' K/V into slot 0.
-        graph = DecodeGraph(model, batch, blocks, block_size) if mode.startswith("graph") else None
+        # The cache's last block is the graph's scratch block, which no sequence uses.
+        graph = DecodeGraph(model, batch, blocks, block_size, scratch_block) if mode.startswith("graph") else None
         meta = AttentionMetadata.build([prompt] * batch, [prompt] * batch, tables, block_size)
         next_ids = model(ids, meta).argmax(-1)
         out = []
 
-        def metadata(k: int) -> AttentionMetadata:  # decode step k's, on the device
-            return AttentionMetadata.build([1] * batch, [prompt + k + 1] * batch, tables, block_size).to(device)
-
-        def run(ids, meta):
-            return graph(ids, meta) if graph else model(ids, meta)
+        def run(ids, k: int):  # decode step k; the graph takes the indices, eager the device metadata
+            lens = [prompt + k + 1] * batch
+            if graph:
+                return graph(ids, lens, tables)
+            return model(ids, AttentionMetadata.build([1] * batch, lens, tables, block_size).to(device))
 
         if device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        logits = run(next_ids, metadata(0))
+        logits = run(next_ids, 0)
         for k in range(steps):
             next_ids = logits.argmax(-1)  # stays on the device as the next step's input
             host_ids = next_ids.to("cpu", non_blocking=True)
@@ -199,7 +204,7 @@ def decode_run(model, mode: str, batch: int, prompt: int, steps: int, block_size
                 # Step k+1 is queued before step k's ids reach the host, as the engine queues
                 # a step behind one whose tokens it has not seen: the host builds metadata
                 # while the GPU computes, and the GPU does not wait for the host.
-                logits = run(next_ids, metadata(k + 1))
+                logits = run(next_ids, k + 1)
             if done is not None:
                 done.synchronize()
             out.append(host_ids.tolist())  # the sampled ids: the one host wait per step
@@ -230,24 +235,17 @@ def kernel_profile(fn, top: int = 12) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us"])[:top]
 
 
-def decode_bench(args, device: str, dtype: torch.dtype, ceiling: float) -> tuple[dict, list[dict]]:
-    from raypp.model.tiny import make_checkpoint
-
-    preset = "tiny" if args.dry_run else args.preset
-    block_size, batches = 16, [1, 2] if args.dry_run else [int(b) for b in args.batches.split(",")]
-    prompt, steps = (8, 4) if args.dry_run else (args.prompt, args.steps)
-    with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        path = make_checkpoint(Path(tmp) / preset, preset=preset, seed=0,
-                               dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
-        made_s = time.perf_counter() - t
-        blocks_per_seq = (prompt + steps + block_size) // block_size
-        model = load(str(path), dtype, device, max(batches) * blocks_per_seq, block_size)
+def decode_bench(path: Path, batches: list[int], prompt: int, steps: int, device: str, dtype: torch.dtype,
+                 ceiling: float) -> tuple[dict, list[dict]]:
+    block_size = 16
+    blocks_per_seq = (prompt + steps + block_size) // block_size
+    cache_blocks = max(batches) * blocks_per_seq + 1  # + the graphs' scratch block
+    model = load(str(path), dtype, device, cache_blocks, block_size)
     cfg = model.cfg
     params = sum(p.numel() for p in model.parameters())
     # Decode reads every weight once per step, except the embedding table (one row a token).
     weight_bytes = (params - model.embed_tokens.weight.numel()) * dtype.itemsize
-    info = dict(preset=preset, params=params, weight_bytes=weight_bytes, checkpoint_made_s=made_s,
+    info = dict(preset=path.name, params=params, weight_bytes=weight_bytes,
                 prompt=prompt, steps=steps, layers=cfg.num_layers, hidden=cfg.hidden_size)
     modes = ["eager-torch", "eager-triton"] + (["graph", "graph-cublas"] if device == "cuda" else [])
     rows = []
@@ -256,17 +254,68 @@ def decode_bench(args, device: str, dtype: torch.dtype, ceiling: float) -> tuple
         kv_bytes = 2 * batch * mean_ctx * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
         roofline = batch * ceiling / (weight_bytes + kv_bytes)
         for mode in modes:
-            r = decode_run(model, mode, batch, prompt, steps, block_size, device)
+            r = decode_run(model, mode, batch, prompt, steps, block_size, cache_blocks - 1, device)
             r.update(roofline_tokens_per_s=roofline, frac_of_roofline=r["tokens_per_s"] / roofline)
             rows.append(r)
-            model.allocate_kv_cache(max(batches) * blocks_per_seq, block_size)  # fresh cache per run
+            model.allocate_kv_cache(cache_blocks, block_size)  # fresh cache per run
     return info, rows
+
+
+def engine_bench(path: Path, batches: list[int], prompt: int, steps: int, device: str) -> dict:
+    """Greedy decode through StageWorker.execute with CUDA graphs off, then on (up to the
+    largest batch), each worker loaded once and run at every batch size."""
+    from raypp.model.config import ModelConfig
+    from raypp.parallel.layout import make_layout
+    from raypp.runtime.worker import StageWorker
+
+    block_size, warm = 16, 3  # untimed first decode steps: the graph of the batch is captured there
+    blocks = (prompt + warm + steps + block_size) // block_size
+    cfg = ModelConfig.from_dir(path)
+    runs, captured = {}, []
+    for graphs in (False, True):
+        worker = StageWorker(str(path), "auto", make_layout(cfg, 1, 1), 0, 0, max(batches) * blocks, block_size,
+                             device, cuda_graph_max_batch=max(batches) if graphs else 0)
+        for batch in batches:
+            runs[graphs, batch] = engine_run(worker, batch, prompt, warm, steps, blocks)
+        if worker.graphs:
+            captured = sorted(worker.graphs.graphs)
+        del worker
+    rows = []
+    for batch in batches:
+        (eager_s, eager_ids), (graph_s, graph_ids) = runs[False, batch], runs[True, batch]
+        rows.append(dict(batch=batch, steps=steps, eager_step_ms=eager_s * 1e3, graph_step_ms=graph_s * 1e3,
+                         eager_tokens_per_s=batch / eager_s, graph_tokens_per_s=batch / graph_s,
+                         speedup=eager_s / graph_s, same_tokens=eager_ids == graph_ids))
+    return dict(prompt=prompt, warmup_steps=warm, graphs_captured=captured, rows=rows)
+
+
+def engine_run(worker, batch: int, prompt: int, warm: int, steps: int, blocks: int) -> tuple[float, list]:
+    """Prefill, `warm` + `steps` decode steps; returns seconds per timed step and every step's ids."""
+    from raypp.model.sampling_params import SamplingParams
+    from raypp.runtime.step import StepInput
+
+    vocab = worker.cfg.vocab_size
+    prompts = torch.randint(3, vocab, (batch, prompt), generator=torch.Generator().manual_seed(batch)).tolist()
+    tables = [[b * blocks + j for j in range(blocks)] for b in range(batch)]
+    greedy = SamplingParams(max_tokens=warm + steps + 1, temperature=0, ignore_eos=True)
+
+    def step(ids: list[int], query_len: int, seq_len: int, k: int) -> list[int]:
+        return worker.execute(StepInput(ids, [query_len] * batch, [seq_len] * batch, tables, list(range(batch)),
+                                        [greedy] * batch, [0] * batch, [k] * batch, step_id=k)).token_ids
+
+    out = [step(sum(prompts, []), prompt, prompt, 0)]
+    for k in range(1, warm + steps + 1):
+        if k == warm + 1:
+            t = time.perf_counter()
+        out.append(step(out[-1], 1, prompt + k, k))
+    return (time.perf_counter() - t) / steps, out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="1b")
     p.add_argument("--batches", default="1,16")
+    p.add_argument("--engine-batches", default="1,8,32,64")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes")
@@ -286,7 +335,20 @@ def main(argv=None) -> int:
     result["copy_gbps"] = ceiling / 1e9
     if not args.skip_kernels:
         result["kernels"] = bench_kernels(device, dtype, args.dry_run, ceiling)
-    result["model"], result["decode"] = decode_bench(args, device, dtype, ceiling)
+    preset = "tiny" if args.dry_run else args.preset
+    batches, engine_batches = ([1, 2], [1, 2]) if args.dry_run else (
+        [int(b) for b in args.batches.split(",")], [int(b) for b in args.engine_batches.split(",")])
+    prompt, steps = (8, 4) if args.dry_run else (args.prompt, args.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        from raypp.model.tiny import make_checkpoint
+
+        t = time.perf_counter()
+        path = make_checkpoint(Path(tmp) / preset, preset=preset, seed=0,
+                               dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+        made_s = time.perf_counter() - t
+        result["model"], result["decode"] = decode_bench(path, batches, prompt, steps, device, dtype, ceiling)
+        result["model"]["checkpoint_made_s"] = made_s
+        result["engine"] = engine_bench(path, engine_batches, prompt, steps, device)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
@@ -300,6 +362,10 @@ def main(argv=None) -> int:
         print(f"decode batch {r['batch']:3d} {r['mode']:13s} {r['step_ms']:7.3f} ms/step {r['tokens_per_s']:9.1f} tok/s"
               f"  roofline {r['roofline_tokens_per_s']:9.1f}  ({r['frac_of_roofline']:.0%})"
               + (f"  replay alone {r['replay_ms']:.3f} ms" if "replay_ms" in r else ""))
+    print(f"engine (StageWorker.execute), graphs captured at {result['engine']['graphs_captured']}:")
+    for r in result["engine"]["rows"]:
+        print(f"  batch {r['batch']:3d}: eager {r['eager_step_ms']:7.3f} ms/step, "
+              f"graphs {r['graph_step_ms']:7.3f} ms/step ({r['graph_tokens_per_s']:8.1f} tok/s)  x{r['speedup']:.2f}  same tokens: {r['same_tokens']}")
     for r in result["decode"]:
         if r["mode"].startswith("graph") and r["batch"] == 1:
             print(f"batch-1 {r['mode']} replay, device time by kernel:")

@@ -35,3 +35,7 @@ def test_gpu_decode_dry_run(tmp_path):
     for r in result["decode"]:
         by_batch.setdefault(r["batch"], []).append(r["first_ids"])
     assert all(a == b for a, b in by_batch.values())
+    # The engine path: StageWorker with graphs off and on (on the CPU both run eagerly).
+    engine = result["engine"]
+    assert [r["batch"] for r in engine["rows"]] == [1, 2] and engine["graphs_captured"] == []
+    assert all(r["eager_step_ms"] > 0 and r["graph_step_ms"] > 0 and r["same_tokens"] for r in engine["rows"])

@@ -1,14 +1,17 @@
-"""A decode step of the model captured as one CUDA graph.
+"""Decode steps captured as CUDA graphs, one per padded batch size.
 
 Eager decode of a ~1B model launches ~15 kernels per layer; at batch 1 each runs for a few
 microseconds, so the host's launch time, not memory bandwidth, sets the step time.  A graph
-replays the whole step with one launch.  It is captured for one batch size and one maximum
-context (block-table width); each step copies that step's small metadata (positions, slots,
-block tables, lengths) into the graph's input buffers and replays.
+replays the whole step with one launch.  `DecodeGraph` is captured for one batch size and one
+maximum context (block-table width); each step copies that step's few indices (positions,
+slots, block tables, lengths) into the graph's input buffers and replays.  `DecodeGraphs` is
+a worker's set of them: a decode of n sequences replays the graph of the next bucket
+(1, 2, 4, ... up to a cap; graph_batches.py), captured the first time a step needs it.
 
-Capture runs the Triton kernels: the FlashInfer path plans on the host per step, which a
-captured graph would not repeat.  Warm-up and capture run a dummy token whose K/V land in
-cache slot 0, so a graph is made before the cache holds any sequence's data.
+Rows past a step's n sequences (padding), warm-up and capture write their K/V into a scratch
+cache block that no sequence owns, so a graph can be captured while the cache holds live
+sequences.  Capture runs the Triton kernels: the FlashInfer path plans on the host per step,
+which a captured graph would not repeat.
 """
 from __future__ import annotations
 
@@ -16,40 +19,86 @@ import torch
 
 from raypp.model import ops
 from raypp.model.attention import AttentionMetadata
+from raypp.model.graph_batches import graph_batch
 
 
 class DecodeGraph:
-    def __init__(self, model, batch: int, max_blocks: int, block_size: int):
-        device = model.lm_head.weight.device
-        zeros = lambda *shape, dtype=torch.long: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+    def __init__(self, model, batch: int, max_blocks: int, block_size: int, scratch_block: int, pool=None):
+        """model: a stage module (token ids in when it embeds, else hidden states).  Capture
+        writes K/V only into cache block `scratch_block`.  Graphs that share `pool` share
+        memory: safe because they replay one at a time on one stream and every output is
+        consumed (sampled, or copied) before the next replay."""
+        weight = next(model.parameters())
+        device = weight.device
+        self.batch, self.block_size, self.scratch_block = batch, block_size, scratch_block
+        if model.embed_tokens is not None:
+            self.x = torch.zeros(batch, dtype=torch.long, device=device)
+        else:
+            self.x = torch.zeros(batch, model.cfg.hidden_size, dtype=weight.dtype, device=device)
+        # Positions and new-token slots in one buffer (one host copy a step); lengths and
+        # block tables stay int32 like the eager metadata's.  Until a step fills them, every
+        # row is a one-token context in the scratch block.
+        self.index = torch.tensor([[0] * batch, [scratch_block * block_size] * batch], device=device)
+        self.lens = torch.ones(batch, dtype=torch.int32, device=device)
+        self.tables = torch.full((batch, max_blocks), scratch_block, dtype=torch.int32, device=device)
         rows = torch.arange(batch, device=device)
-        self.ids = zeros(batch)
-        self.meta = AttentionMetadata(
-            positions=zeros(batch), slot_mapping=zeros(batch), logits_rows=rows, decode_rows=rows,
-            decode_tables=zeros(batch, max_blocks, dtype=torch.int32),
-            decode_lens=torch.ones(batch, dtype=torch.int32, device=device),
-            decode_max_len=max_blocks * block_size, decode_pages=(), prefills=[], block_size=block_size)
+        meta = AttentionMetadata(
+            positions=self.index[0], slot_mapping=self.index[1], logits_rows=rows, decode_rows=rows,
+            decode_tables=self.tables, decode_lens=self.lens, decode_max_len=max_blocks * block_size,
+            decode_pages=(), prefills=[], block_size=block_size)
         with ops.use("triton"):
             # Warm-up on a side stream (Triton compiles, allocators settle), as capture requires.
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    model(self.ids, self.meta)
+                    model(self.x, meta)
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = model(self.ids, self.meta)
+            # thread_local: the NCCL watchdog thread's event queries must not void the capture.
+            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+                self.out = model(self.x, meta)
 
-    def __call__(self, ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """ids [batch] on the device (e.g. the previous step's argmax: no host round trip);
-        meta: this step's decode metadata, already on the device.  Returns the graph's logits
-        buffer, valid until the next call."""
-        m = self.meta
-        self.ids.copy_(ids)
-        m.positions.copy_(meta.positions)
-        m.slot_mapping.copy_(meta.slot_mapping)
-        m.decode_lens.copy_(meta.decode_lens)
-        m.decode_tables[:, : meta.decode_tables.shape[1]].copy_(meta.decode_tables)
+    def __call__(self, x: torch.Tensor, seq_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """One decode step of len(seq_lens) <= batch sequences.  x: their input (token ids [n]
+        or hidden states [n, d]) on the device; seq_lens[i]: sequence i's context, the new
+        token included; block_tables[i]: its cache blocks.  Returns the graph's output rows
+        of those sequences (logits or hidden states), valid until the next replay."""
+        n, bs, pad = len(seq_lens), self.block_size, self.batch - len(seq_lens)
+        positions = [s - 1 for s in seq_lens]
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(block_tables, positions)]
+        width = (max(seq_lens) + bs - 1) // bs  # the kernel reads no column past a row's length
+        filler = [self.scratch_block] * width
+        tables = [(t[:width] + filler)[:width] for t in block_tables] + [filler] * pad
+        index = torch.tensor([positions + [0] * pad, slots + [self.scratch_block * bs] * pad], pin_memory=True)
+        lens = torch.tensor(seq_lens + [1] * pad, dtype=torch.int32, pin_memory=True)
+        self.index.copy_(index, non_blocking=True)
+        self.lens.copy_(lens, non_blocking=True)
+        self.tables[:, :width].copy_(torch.tensor(tables, dtype=torch.int32, pin_memory=True), non_blocking=True)
+        self.x[:n].copy_(x)  # padding rows keep earlier inputs: finite, and their outputs are dropped
         self.graph.replay()
-        return self.logits
+        return self.out[:n]
+
+
+class DecodeGraphs:
+    """A stage's decode graphs, one per padded batch size, each captured on first use."""
+
+    def __init__(self, model, max_batch: int, max_blocks: int, block_size: int, scratch_block: int):
+        self.model, self.max_batch, self.max_blocks = model, max_batch, max_blocks
+        self.block_size, self.scratch_block = block_size, scratch_block
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, DecodeGraph] = {}
+
+    def batch_for(self, query_lens: list[int], seq_lens: list[int], all_logits: bool) -> int | None:
+        return graph_batch(query_lens, seq_lens, all_logits, self.max_batch, self.max_blocks * self.block_size)
+
+    def run(self, x: torch.Tensor, seq_lens: list[int], block_tables: list[list[int]], batch: int) -> torch.Tensor:
+        """A decode step replayed at `batch` (from batch_for)."""
+        graph = self.graphs.get(batch)
+        if graph is None:
+            graph = self.graphs[batch] = DecodeGraph(self.model, batch, self.max_blocks, self.block_size,
+                                                     self.scratch_block, self.pool)
+        out = graph(x, seq_lens, block_tables)
+        # A stage short of the head sends its output asynchronously; the next replay must not
+        # overwrite it mid-send.
+        return out if self.model.lm_head is not None else out.clone()

@@ -21,6 +21,8 @@ import torch.distributed as dist
 from raypp.model.attention import AttentionMetadata, to_device
 from raypp.model.checkpoint import load_weights, resolve_dtype
 from raypp.model.config import ModelConfig
+from raypp.model.cuda_graph import DecodeGraphs
+from raypp.model.graph_batches import CUDA_GRAPH_MAX_BATCH
 from raypp.model.sampling import sample
 from raypp.layout import Layout
 from raypp.parallel.pipeline import build_stage_module
@@ -50,7 +52,7 @@ class _CommClock:
 class StageWorker:
     def __init__(self, model_path: str, dtype: str, layout: Layout, stage: int, tp_rank: int,
                  num_blocks: int, block_size: int, device: str = "cpu", progress: bool = False,
-                 timeout_s: float = 120.0):
+                 timeout_s: float = 120.0, cuda_graph_max_batch: int = CUDA_GRAPH_MAX_BATCH):
         self.cfg = ModelConfig.from_dir(model_path)
         self.layout, self.stage, self.tp_rank = layout, stage, tp_rank
         self.first, self.last = stage == 0, stage == layout.pp - 1
@@ -65,7 +67,14 @@ class StageWorker:
         self.dtype = resolve_dtype(dtype, self.cfg, device)
         self.model = build_stage_module(self.cfg, layout, stage, tp_rank, self._tp_all_reduce(tp_group, timeout_s))
         self.bytes_loaded = load_weights(self.model, model_path, self.dtype, device, progress=progress)
-        self.kv_cache_bytes = self.model.allocate_kv_cache(num_blocks, block_size)
+        # Decode graphs (raypp/model/cuda_graph.py) on CUDA at tp=1: with TP they would have to
+        # capture the all-reduces too, which no test here covers.  Their padding rows write K/V
+        # into one extra cache block, past the num_blocks that the scheduler hands out.
+        graphs = cuda_graph_max_batch > 0 and torch.device(device).type == "cuda" and layout.tp == 1
+        self.kv_cache_bytes = self.model.allocate_kv_cache(num_blocks + graphs, block_size)
+        max_blocks = min(num_blocks, -(-self.cfg.max_position_embeddings // block_size))
+        self.graphs = DecodeGraphs(self.model, cuda_graph_max_batch, max_blocks, block_size,
+                                   scratch_block=num_blocks) if graphs else None
         self.comm_clock = _CommClock(self.model)
         self._pending_send = None
         self._last_end = None
@@ -102,8 +111,11 @@ class StageWorker:
     def execute(self, step: StepInput) -> StepOutput:
         start = time.perf_counter()
         idle = 0.0 if step.resumed or self._last_end is None else start - self._last_end
-        meta = AttentionMetadata.build(step.query_lens, step.seq_lens, step.block_tables,
-                                       self.block_size, all_logits=step.all_logits)
+        graph_batch = self.graphs and self.graphs.batch_for(step.query_lens, step.seq_lens, step.all_logits)
+        # A graph step takes its few indices from the step itself: the eager metadata's host
+        # build (~25 us a sequence) would cost as much as the whole replay at batch 32.
+        meta = None if graph_batch else AttentionMetadata.build(
+            step.query_lens, step.seq_lens, step.block_tables, self.block_size, all_logits=step.all_logits)
         token_wait = 0.0
         wait_from = time.perf_counter()
         prep = wait_from - start
@@ -112,11 +124,14 @@ class StageWorker:
             token_wait = time.perf_counter() - wait_from
             wait_from = time.perf_counter()
         else:
-            x = torch.empty(meta.num_tokens, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+            x = torch.empty(sum(step.query_lens), self.cfg.hidden_size, dtype=self.dtype, device=self.device)
             dist.recv(x, src=self.layout.rank(self.stage - 1, self.tp_rank))
         wait = time.perf_counter() - wait_from
         all_reduce_before = self.comm_clock.total
-        out = self.model(x, meta)
+        if graph_batch:
+            out = self.graphs.run(x, step.seq_lens, step.block_tables, graph_batch)
+        else:
+            out = self.model(x, meta)
         send = 0.0
         ids = logprobs = logits = None
         if not self.last:
