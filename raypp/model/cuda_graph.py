@@ -42,7 +42,8 @@ class DecodeGraph:
         self.lens = torch.ones(batch, dtype=torch.int32, device=device)
         self.tables = torch.full((batch, max_blocks), scratch_block, dtype=torch.int32, device=device)
         rows = torch.arange(batch, device=device)
-        meta = AttentionMetadata(
+        # Kept: the graph reads every tensor of it (logits_rows too) at the addresses of capture.
+        self.meta = meta = AttentionMetadata(
             positions=self.index[0], slot_mapping=self.index[1], logits_rows=rows, decode_rows=rows,
             decode_tables=self.tables, decode_lens=self.lens, decode_max_len=max_blocks * block_size,
             decode_pages=(), prefills=[], block_size=block_size)
