@@ -1,7 +1,7 @@
 """`raypp calibrate`: measure a live raypp deployment and fit the planner's factors to it.
 
     raypp calibrate http://127.0.0.1:8000 --model small --gpu cpu --tp 1 --dtype fp32 \\
-        --out cpu-calibrated.yaml [--concurrency 1,8] [--requests 16] [--input-len 32] [--output-len 32]
+        --out cpu-calibrated.yaml [--concurrency 1,4,16] [--requests 16] [--input-len 32] [--output-len 32]
 
 For each concurrency it keeps that many completions in flight through the OpenAI API
 (`raypp.client`: token-id prompts, greedy, ignore_eos, so every request runs its full
@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="the deployment's TP degree (PP is read from /stats)")
     p.add_argument("--stage-layers", help="the deployment's layers per stage, comma-separated (default: balanced)")
     p.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp8", "fp32"])
-    p.add_argument("--concurrency", default="1,8", help="comma-separated concurrencies, one load phase each")
+    p.add_argument("--concurrency", default="1,4,16", help="comma-separated concurrencies, one load phase each "
+                   "(batch 1 shows the weight stream; two larger loads tell weight packing from FLOPs)")
     p.add_argument("--requests", type=int, default=16, help="completions per phase (at least the concurrency)")
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=32)
@@ -68,7 +69,8 @@ def measure(client: Client, concurrency: int, requests: int, input_len: int, out
                  compute_s=d([s.compute_s for s in before.stages], [s.compute_s for s in after.stages]),
                  comm_s=d([s.comm_s for s in before.stages], [s.comm_s for s in after.stages]),
                  bubble_ratio=[b / (u + b) if u + b > 0 else 0.0 for u, b in zip(busy, bubble)],
-                 tokens=after.tokens_generated - before.tokens_generated, wall_s=wall)
+                 tokens=after.tokens_generated - before.tokens_generated, wall_s=wall,
+                 idle_s=d([s.idle_s for s in before.stages], [s.idle_s for s in after.stages]))
 
 
 def report(model, layout, cluster, fitted_cluster, phases, dtype) -> list[str]:

@@ -19,7 +19,12 @@ from serve_helpers import ServeRun, load_deployment
 
 SMALL = PRESETS["small"]
 LAYOUT = Layout(2, 2, (4, 4))
-TRUE = replace(DEVICES["cpu-epyc-2core"].efficiency, bw=0.55, layer_overhead_decode=3e-4, step_overhead=2e-3, link=0.5)
+TRUE = replace(DEVICES["cpu-epyc-2core"].efficiency, bw=0.55, layer_overhead_decode=3e-4, step_overhead=2e-3, link=0.5,
+               call_overhead=1.5e-3)
+
+
+# one-row decode (the weight stream), and two multi-row loads (the packing against the FLOPs)
+LOADS = (1, 4, 16)
 
 
 def cluster(eff):
@@ -32,22 +37,24 @@ def synthetic_phase(c, requests=16, isl=32, osl=32, eff=TRUE):
     only the stage fit applies)."""
     m = 2
     steps = [requests + requests * osl // max(1, c // m)] * 2
-    ph = Phase(c, m, isl, osl, requests, steps, [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], requests * osl, 0.0)
+    ph = Phase(c, m, isl, osl, requests, steps, [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], requests * osl, 0.0,
+               [n * eff.call_overhead for n in steps])
     per = _per_step(SMALL, LAYOUT, cluster(eff), ph, "fp32")
     return replace(ph, compute_s=[n * p[0] for n, p in zip(steps, per)],
                    comm_s=[n * p[1] for n, p in zip(steps, per)])
 
 
 def test_fit_reproduces_the_measurements_and_predicts_another_load():
-    phases = [synthetic_phase(1), synthetic_phase(8)]
+    phases = [synthetic_phase(c) for c in LOADS]
     start = cluster(DEVICES["cpu-epyc-2core"].efficiency)
     got = fit(SMALL, LAYOUT, start, phases, "fp32")
     fitted, truth = rows(SMALL, LAYOUT, cluster(got), phases, "fp32"), rows(SMALL, LAYOUT, start, phases, "fp32")
     assert all(abs(r.error) <= 0.05 for r in fitted), fitted
     assert max(abs(r.error) for r in truth) > 0.3          # the catalog factors alone were far off
     assert got.link == pytest.approx(TRUE.link, rel=0.15)  # comm has its own measurement
+    assert got.call_overhead == pytest.approx(TRUE.call_overhead)   # read from the stages' idle time
     # a load it was not fitted to: the per-stage times follow
-    other = synthetic_phase(4)
+    other = synthetic_phase(8)
     assert all(abs(r.error) <= 0.10 for r in rows(SMALL, LAYOUT, cluster(got), [other], "fp32"))
 
 
@@ -55,7 +62,7 @@ def test_fit_raises_the_step_cost_to_what_the_wall_clock_shows():
     # the stages were busy as TRUE says, but each phase took longer: a driver cost outside the stages
     start = cluster(DEVICES["cpu-epyc-2core"].efficiency)
     phases = []
-    for c in (1, 8):
+    for c in LOADS:
         ph = synthetic_phase(c)
         slow = predicted_phase(SMALL, LAYOUT, cluster(replace(TRUE, step_overhead=0.02)), ph, "fp32")
         phases.append(replace(ph, tokens=ph.tokens, wall_s=ph.tokens / slow.throughput))
@@ -64,6 +71,22 @@ def test_fit_raises_the_step_cost_to_what_the_wall_clock_shows():
     for ph in phases:
         pred = predicted_phase(SMALL, LAYOUT, cluster(got), ph, "fp32").throughput
         assert pred == pytest.approx(ph.tokens / ph.wall_s, rel=0.10)
+
+
+def test_fit_finds_the_pipeline_hop_cost_in_the_wall_clock():
+    # the stages were busy as TRUE says, but each micro-batch's pass through the pipeline took 4 ms
+    # per hop more than the catalog's: the receivers' wake-up, in no stage's busy time
+    slow_hops = replace(TRUE, hop_overhead=4e-3)
+    phases = []
+    for c in LOADS:
+        ph = synthetic_phase(c)
+        phases.append(replace(ph, wall_s=ph.tokens / predicted_phase(SMALL, LAYOUT, cluster(slow_hops), ph,
+                                                                      "fp32").throughput))
+    got = fit(SMALL, LAYOUT, cluster(DEVICES["cpu-epyc-2core"].efficiency), phases, "fp32")
+    assert got.hop_overhead == pytest.approx(slow_hops.hop_overhead, rel=0.25)
+    for ph in phases:
+        pred = predicted_phase(SMALL, LAYOUT, cluster(got), ph, "fp32").throughput
+        assert pred == pytest.approx(ph.tokens / ph.wall_s, rel=0.05)
 
 
 def test_fit_without_steps_says_what_to_do():
@@ -114,7 +137,7 @@ class FakeDeployment(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_url():
-    FakeDeployment.phases = [synthetic_phase(1), synthetic_phase(8)]
+    FakeDeployment.phases = [synthetic_phase(c) for c in LOADS]
     FakeDeployment.done = 0
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeDeployment)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -127,7 +150,7 @@ def fake_url():
 def test_calibrate_writes_a_hardware_file_plan_accepts(fake_url, tmp_path, capsys):
     out = tmp_path / "cpu-calibrated.yaml"
     assert main(["calibrate", fake_url, "--model", "small", "--gpu", "cpu", "--tp", "2", "--dtype", "fp32",
-                 "--concurrency", "1,8", "--requests", "16", "--out", str(out)]) == 0
+                 "--concurrency", "1,4,16", "--requests", "16", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "stage 1 compute" in text and "wrote" in text
     devices, _ = load_yaml(out)

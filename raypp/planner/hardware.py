@@ -44,6 +44,27 @@ class Efficiency:
     layer_overhead_prefill: float = 180e-6   # s per layer per forward: launches, norms, rope, sync
     layer_overhead_decode: float = 60e-6     # s per layer per step (CUDA graphs make this smaller)
     step_overhead: float = 1e-3              # s per decode step: scheduling, input preparation, sampling
+    # Share of the shorter of (weight/KV streaming, FLOPs) a kernel hides behind the longer: 1 is the
+    # roofline's max() (GPU kernels overlap loads with tensor-core math; the fit keeps 1), 0 their sum
+    # (a CPU GEMM at small batch stalls its FMAs on the weight stream: T(b) grows from T(1), cpu_probe).
+    overlap: float = 1.0
+    # Extra passes over a linear layer's weights when a forward multiplies more than one row: a CPU
+    # sgemm copies weight panels into its packed layout on every call (read + write, then the packed
+    # read), while one row goes through a matrix-vector product that streams them once.  0 on GPUs
+    # (GEMMs read weights in place).
+    pack_passes: float = 0.0
+    # s per forward per stage that the serving runtime spends starting the step, outside any kernel:
+    # an RPC per stage (Ray actor call: arguments in, result out).  0 for the published engines of the
+    # calibration set (one loop per GPU, no call per step); raypp's CPU runs measure it (`idle_s`).
+    call_overhead: float = 0.0
+    # s per pipeline hop (activations to the next stage, sampled ids back to stage 0) beyond the link's
+    # latency and bytes: the receiving process waking up and taking the message off the transport.
+    # 0 for the calibration set (no PP rows but the 405B pair, NCCL on NVLink); measured on raypp's CPU.
+    hop_overhead: float = 0.0
+    # How many devices' worth of memory bandwidth one host supplies to its workers together: CPU
+    # workers on one socket share its memory bus, so n streaming at once each get host_streams / n
+    # of one's rate (at most 1).  0: every device streams its own memory (GPU HBM).
+    host_streams: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -76,13 +97,24 @@ LINKS: dict[str, Link] = {l.name: l for l in [
     Link("gloo-loopback", "loopback", 0.65 * GB, 0.8e-3,
          "measured here: gloo all-reduce between 2 processes, 1 KiB -> 0.6-1.1 ms, 4 MiB -> 7.2-7.4 ms "
          "(median of 30, shared 2-core VM; see cpu_probe.py)"),
+    # raypp's CPU TP ranks on one host all-reduce through shared memory (parallel/shm_allreduce.py).
+    Link("shm-loopback", "loopback", 11 * GB, 44e-6,
+         "measured here: raypp's shared-memory all-reduce between 2 ranks, 1-32 x 1024 fp32 -> 43-46 us, "
+         "256 x 1024 (1 MiB) -> 139 us (benchmarks/results/tp_allreduce.json)"),
 ]}
 
 _A100 = "NVIDIA A100 Tensor Core GPU datasheet (nvidia.com, 2021): BF16/FP16 312 TFLOPS dense"
 _H100 = "NVIDIA H100 Tensor Core GPU datasheet (nvidia.com, 2023)"
 _CPU_EFF = Efficiency(bw=1.0, flops16=1.0, flops8=1.0, link=1.0,
                       layer_overhead_prefill=200e-6, layer_overhead_decode=200e-6,
-                      step_overhead=1e-3)   # order of the driver's per-step time; `raypp calibrate` measures it
+                      step_overhead=1e-3,    # order of the driver's per-step time; `raypp calibrate` measures it
+                      # decode T(b) of `small` (pipeline_fill.json): T(8) 53, T(16) 70, T(32) 108 ms = 34 ms
+                      # + 2.3 ms per sequence, the sum of weights and FLOPs, and 34 ms is twice one
+                      # matrix-vector pass over the weights (batch 1: ~21 ms a token through the runtime)
+                      overlap=0.0, pack_passes=1.0,
+                      call_overhead=1e-3,    # benchmarks/ray_call_cost.py: one step by value, 0.97 ms
+                      hop_overhead=1.8e-3)   # pipeline_fill.json: a step's result reaches the driver 1.8 ms
+                                             # after the last stage ends
 
 DEVICES: dict[str, Device] = {d.name: d for d in [
     Device("a100-sxm-40gb", 40 * GB, 1555 * GB, {"bf16": 312 * T, "fp16": 312 * T, "fp32": 19.5 * T},
@@ -115,7 +147,7 @@ DEVICES: dict[str, Device] = {d.name: d for d in [
     # a tiny eager Llama layer at batch 1 costs ~0.2 ms beyond its bytes.
     # Memory: 23 GB of RAM on the VM, ~10 GB per worker once the OS and Ray take theirs.
     Device("cpu-epyc-2core", 10 * GB, 24 * GB, {"fp32": 79e9, "bf16": 0.35e9},
-           "gloo-loopback", "gloo-loopback", "measured on this machine, see cpu_probe.py and docs/planner.md",
+           "shm-loopback", "gloo-loopback", "measured on this machine, see cpu_probe.py and docs/planner.md",
            kind="cpu", efficiency=_CPU_EFF, aliases=("cpu",)),
 ]}
 

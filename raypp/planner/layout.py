@@ -73,6 +73,12 @@ def send_link(layout: Layout, stage: int, cluster: Cluster) -> Link:
     return cluster.intra if same and layout.tp <= n else cluster.network
 
 
+def return_link(layout: Layout, cluster: Cluster) -> Link:
+    """Link from the last stage back to stage 0 (sampled ids)."""
+    same = layout.stage_node(layout.pp - 1, cluster.gpus_per_node) == layout.stage_node(0, cluster.gpus_per_node)
+    return cluster.intra if same and layout.tp <= cluster.gpus_per_node else cluster.network
+
+
 @dataclass(frozen=True)
 class StageShape:
     """Per-GPU quantities of one stage (one TP rank)."""

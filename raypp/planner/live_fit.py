@@ -2,15 +2,22 @@
 
 Input: per-stage totals over a load phase (the deltas of the engine's typed stats
 between two snapshots) at one or more concurrencies.  The model predicts each
-stage's busy time per step from `perf.stage_forward`; the fit picks the factors
-that minimise the worst |log(predicted / measured)| over every stage and phase:
+stage's time per step from `perf.stage_forward`; the fit picks the factors that
+minimise the worst |log(predicted / measured)| over every stage and phase:
 
-  compute per step   weight/KV bytes / (BW * eta_bw) + layers * per-layer overhead
-                     (+ the per-step cost on stage 0), decode and prefill steps mixed
-                     in the proportions the phase ran them
+  compute per step   roofline(passes * weight bytes + KV bytes / (BW * eta_bw), FLOPs / (peak * eta_flops))
+                     (the catalog's overlap; the packing passes fitted)
+                     + layers * per-layer overhead (+ the per-step cost on stage 0), decode and
+                     prefill forwards mixed in the proportions the phase ran them
+  call per step      the stage's idle time per step: the runtime's fixed cost of starting a
+                     forward (raypp: a Ray actor call), read directly
   comm per step      TP all-reduces + the send to the next stage, fitted as eta_link
-  throughput         tokens / wall clock of each phase: raises the per-step cost by what
-                     happens outside the stages (driver, inter-process hops)
+  wall clock         tokens / wall clock of each phase: the per-hop cost of the pipeline
+                     (PP > 1) and what the driver adds to each step (the per-step cost), which
+                     no stage's busy time holds
+
+A phase of `requests` equal requests with `concurrency` in flight runs in waves: each
+wave's prompts are prefilled together, then decode together (`static_batch_throughput`).
 
 Pure arithmetic: the HTTP side lives in raypp/calibrate.py.
 """
@@ -19,13 +26,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import statistics
 from dataclasses import dataclass, fields, replace
 
 from raypp.planner.hardware import Device, Efficiency
 from raypp.layout import Layout
 from raypp.planner.layout import Cluster, Workload, stage_shapes
 from raypp.planner.models import ModelSpec
-from raypp.planner.perf import predict, stage_forward
+from raypp.planner.perf import decode_round, stage_forward, static_batch_throughput
 
 
 @dataclass(frozen=True)
@@ -42,13 +50,15 @@ class Phase:
     bubble_ratio: list[float]      # per stage: bubble / (busy + bubble)
     tokens: int                    # output tokens generated
     wall_s: float
+    idle_s: list[float]            # per stage: nothing queued (the runtime starting the next call)
+    prefill_chunk: int = 512       # the deployment's token budget per forward (raypp's default)
 
 
 @dataclass(frozen=True)
 class Row:
     phase: int
     stage: int
-    what: str                      # "compute" | "comm"
+    what: str                      # "compute" | "call" | "comm"
     measured: float                # s per step
     predicted: float
 
@@ -57,21 +67,31 @@ class Row:
         return self.predicted / self.measured - 1.0
 
 
+def _workload(ph: Phase, dtype: str) -> Workload:
+    return Workload(dtype=dtype, kv_dtype=dtype, concurrency=ph.concurrency, input_len=ph.input_len,
+                    output_len=ph.output_len, micro_batches=ph.micro_batches, prefill_chunk=ph.prefill_chunk)
+
+
+def _prompts_per_forward(ph: Phase) -> int:
+    return max(1, min(ph.concurrency, ph.prefill_chunk // max(ph.input_len, 1)))
+
+
 def _per_step(model: ModelSpec, layout: Layout, cluster: Cluster, ph: Phase, dtype: str):
     """Predicted (compute, comm) per stage per step: decode and prefill steps in the phase's mix."""
-    wl = Workload(dtype=dtype, kv_dtype=dtype, concurrency=ph.concurrency, input_len=ph.input_len,
-                  output_len=ph.output_len)
+    wl = _workload(ph, dtype)
     shapes = stage_shapes(model, layout, wl)
     b = max(1, math.ceil(ph.concurrency / ph.micro_batches))
     ctx = ph.input_len + ph.output_len / 2
+    k = _prompts_per_forward(ph)
     out = []
     for s, sh in enumerate(shapes):
         if ph.steps[s] == 0:          # nothing measured on this stage in this phase
             out.append((0.0, 0.0))
             continue
-        dec = stage_forward(sh, s, layout, cluster, wl, b, 1, ctx, False)
-        pre = stage_forward(sh, s, layout, cluster, wl, 1, ph.input_len, 0.0, True)
-        n_pre = min(ph.prefills, ph.steps[s])
+        active = min(ph.micro_batches, layout.pp)
+        dec = stage_forward(sh, s, layout, cluster, wl, b, 1, ctx, False, active)
+        pre = stage_forward(sh, s, layout, cluster, wl, k, ph.input_len, 0.0, True, active)
+        n_pre = min(math.ceil(ph.prefills / k), ph.steps[s])
         n_dec = ph.steps[s] - n_pre
         comp = (n_dec * dec.compute + n_pre * pre.compute) / ph.steps[s]
         comm = (n_dec * (dec.all_reduce + dec.send) + n_pre * (pre.all_reduce + pre.send)) / ph.steps[s]
@@ -86,6 +106,8 @@ def rows(model: ModelSpec, layout: Layout, cluster: Cluster, phases: list[Phase]
             if ph.steps[s] == 0:
                 continue
             out.append(Row(i, s, "compute", ph.compute_s[s] / ph.steps[s], comp))
+            if ph.idle_s[s] > 0:
+                out.append(Row(i, s, "call", ph.idle_s[s] / ph.steps[s], cluster.device.efficiency.call_overhead))
             if ph.comm_s[s] > 0 and comm > 0:
                 out.append(Row(i, s, "comm", ph.comm_s[s] / ph.steps[s], comm))
     return out
@@ -100,18 +122,22 @@ def _geom(lo: float, hi: float, n: int) -> list[float]:
     return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
 
 
+_FITTED = ("bw", "flops16", "pack_passes", "layer_overhead_decode", "layer_overhead_prefill", "step_overhead",
+           "call_overhead", "hop_overhead", "host_streams")
+
+
 def _distance(eff: Efficiency, base: Efficiency) -> float:
-    names = ("bw", "layer_overhead_decode", "layer_overhead_prefill", "step_overhead")
-    return sum(abs(math.log((getattr(eff, n) + 1e-6) / (getattr(base, n) + 1e-6))) for n in names)
+    return sum(abs(math.log((getattr(eff, n) + 1e-6) / (getattr(base, n) + 1e-6))) for n in _FITTED)
 
 
 def fit(model: ModelSpec, layout: Layout, cluster: Cluster, phases: list[Phase], dtype: str) -> Efficiency:
-    """Grid search; compute factors first (the comm terms do not depend on them), then eta_link.
+    """Grid search; compute factors first (the comm terms do not depend on them), then the call
+    cost, eta_link, and last what only the wall clock shows.
 
-    One layout cannot tell bandwidth from per-layer overhead (every stage has both in the
-    same ratio), so among the factor sets within 1% of the best worst-error the one
-    closest to the catalog's is kept: the measurements move what they determine, the
-    rest stays as measured by cpu_probe or fitted to published numbers."""
+    One layout cannot tell every factor apart (bandwidth and per-layer overhead come in the
+    same ratio on every stage), so among the factor sets within 1% of the best worst-error the
+    one closest to the catalog's is kept: the measurements move what they determine, the rest
+    stays as measured by cpu_probe or fitted to published numbers."""
     if not phases or not any(sum(ph.steps) for ph in phases):
         raise ValueError("no steps measured: run load against the deployment before fitting")
     base = cluster.device.efficiency
@@ -119,36 +145,94 @@ def fit(model: ModelSpec, layout: Layout, cluster: Cluster, phases: list[Phase],
     def with_eff(eff: Efficiency) -> Cluster:
         return replace(cluster, device=replace(cluster.device, efficiency=eff))
 
-    scored = []
-    for bw, dec, pre, step in itertools.product(_geom(0.05, 2.0, 24), _geom(5e-6, 2e-3, 16),
-                                                _geom(5e-6, 2e-3, 8), [0.0] + _geom(1e-5, 2e-2, 10)):
-        eff = replace(base, bw=bw, layer_overhead_decode=dec, layer_overhead_prefill=pre, step_overhead=step)
-        scored.append((_worst(rows(model, layout, with_eff(eff), phases, dtype), "compute"), eff))
-    best_err = min(err for err, _ in scored)
-    best = min((eff for err, eff in scored if err <= best_err + 0.01), key=lambda e: _distance(e, base))
+    def closest(scored: list[tuple[float, Efficiency]], tolerance: float = 0.01) -> Efficiency:
+        best_err = min(err for err, _ in scored)
+        return min((eff for err, eff in scored if err <= best_err + tolerance), key=lambda e: _distance(e, base))
+
+    # eta_bw is the rate of a one-row (matrix-vector) pass over the weights; forwards of several rows
+    # add the packing passes.  Phases whose decode micro-batches all hold several sequences show only
+    # multi-row forwards: they keep the catalog's one-row rate (cpu_probe's GEMV) and fit the packing.
+    one_row = any(math.ceil(ph.concurrency / ph.micro_batches) == 1 for ph in phases)
+    bws = _geom(0.05, 2.0, 16) if one_row else [base.bw]
+    packs = (0.0, 0.5, 1.0, 1.5, 2.0) if one_row else (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
+    def compute_grid(start: Efficiency) -> Efficiency:
+        scored = []
+        for bw, flops, pack, dec, pre, step in itertools.product(
+                bws, _geom(0.5, 2.0, 5), packs, _geom(5e-6, 2e-3, 8), _geom(5e-6, 2e-3, 6),
+                [0.0] + _geom(1e-5, 2e-2, 7)):
+            eff = replace(start, bw=bw, flops16=flops, pack_passes=pack, layer_overhead_decode=dec,
+                          layer_overhead_prefill=pre, step_overhead=step)
+            scored.append((_worst(rows(model, layout, with_eff(eff), phases, dtype), "compute"), eff))
+        return closest(scored)
+
+    def refine(eff: Efficiency) -> Efficiency:
+        # The grid is coarse (factors of ~1.3-2 apart): step each fitted factor by smaller ratios
+        # while the worst compute error falls.
+        score = lambda e: _worst(rows(model, layout, with_eff(e), phases, dtype), "compute")
+        err = score(eff)
+        names = ("bw",) * one_row + ("flops16", "layer_overhead_decode", "layer_overhead_prefill", "step_overhead")
+        for ratio in (1.25, 1.1, 1.03):
+            improved = True
+            while improved:
+                improved = False
+                for n, r in itertools.product(names, (ratio, 1 / ratio)):
+                    cand = replace(eff, **{n: getattr(eff, n) * r})
+                    if (e := score(cand)) < err - 1e-4:
+                        eff, err, improved = cand, e, True
+        return eff
+
+    best = refine(compute_grid(base))
+    # Workers that share a host's memory bus stream slower together than alone: phases that run
+    # different numbers of stages at once (or TP ranks) tell by how much.  Searched with the other
+    # factors fixed, then those refitted once.
+    streams = {min(min(ph.micro_batches, layout.pp) * layout.tp, cluster.gpus_per_node) for ph in phases}
+    if len(streams | {1}) > 1:
+        best = closest([(_worst(rows(model, layout, with_eff(e), phases, dtype), "compute"), e)
+                        for e in (replace(best, host_streams=h) for h in (0.0, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0))])
+        best = refine(compute_grid(best))
+    # A stage idles between forwards while the runtime starts its next call: read, not searched.
+    calls = [ph.idle_s[s] / ph.steps[s] for ph in phases for s in range(len(ph.steps))
+             if ph.steps[s] > 0 and ph.idle_s[s] > 0]
+    if calls:
+        best = replace(best, call_overhead=statistics.median(calls))
     if layout.world_size > 1:
         link = min(_geom(0.05, 4.0, 40), key=lambda e: _worst(
             rows(model, layout, with_eff(replace(best, link=e)), phases, dtype), "comm"))
         best = replace(best, link=link)
-    # The wall clock also holds what no stage's busy time does: the driver's scheduling and the
-    # hops of inputs and sampled ids between processes.  The per-step cost is raised until the
-    # phases' throughput matches, never below what stage 0's own time showed.
+    # The wall clock also holds what no stage's busy time does: the hops of activations and sampled
+    # ids between processes (PP) and the driver's own time per step.  The per-hop cost and the
+    # per-step cost are searched until the phases' throughput matches, the per-step cost never
+    # below what stage 0's own time showed.
     timed = [ph for ph in phases if ph.wall_s > 0 and ph.tokens > 0]
     if timed:
-        def thr_err(step: float) -> float:
-            c = with_eff(replace(best, step_overhead=step))
+        def thr_err(eff: Efficiency) -> float:
+            c = with_eff(eff)
             return max(abs(math.log(predicted_phase(model, layout, c, ph, dtype).throughput * ph.wall_s / ph.tokens))
                        for ph in timed)
-        steps = [best.step_overhead] + [x for x in _geom(1e-5, 0.5, 80) if x > best.step_overhead]
-        best = replace(best, step_overhead=min(steps, key=thr_err))
+        # Fine steps (~12%) and a tight tie: the two phases tell a per-hop cost (once per micro-batch
+        # cycle) from a per-step cost on stage 0 (once per forward there) only by a few percent.
+        hops = [best.hop_overhead] + (_geom(1e-5, 0.05, 70) if layout.pp > 1 else [])
+        steps = [best.step_overhead] + [x for x in _geom(1e-5, 0.5, 90) if x > best.step_overhead]
+        best = closest([(thr_err(e), e) for e in (replace(best, hop_overhead=h, step_overhead=st)
+                                                  for h in hops for st in steps)], tolerance=0.002)
     return best
 
 
-def predicted_phase(model: ModelSpec, layout: Layout, cluster: Cluster, ph: Phase, dtype: str):
-    """The planner's prediction for the phase's load (bubble, throughput) with the cluster's factors."""
-    wl = Workload(dtype=dtype, kv_dtype=dtype, concurrency=ph.concurrency, input_len=ph.input_len,
-                  output_len=ph.output_len, micro_batches=ph.micro_batches)
-    return predict(stage_shapes(model, layout, wl), layout, cluster, wl, ph.concurrency)
+@dataclass(frozen=True)
+class PhasePrediction:
+    throughput: float              # output tok/s of the phase's waves
+    bubble: float                  # of a steady decode round
+
+
+def predicted_phase(model: ModelSpec, layout: Layout, cluster: Cluster, ph: Phase, dtype: str) -> PhasePrediction:
+    """The planner's prediction for the phase's load with the cluster's factors: equal requests with
+    `concurrency` in flight start and end together, so the phase runs static batches."""
+    wl = _workload(ph, dtype)
+    shapes = stage_shapes(model, layout, wl)
+    m = layout.micro_batches(ph.concurrency, ph.micro_batches)
+    _, bubble, _ = decode_round(shapes, layout, cluster, wl, ph.concurrency, m, ph.input_len + ph.output_len / 2)
+    return PhasePrediction(static_batch_throughput(shapes, layout, cluster, wl, ph.concurrency,
+                                                   _prompts_per_forward(ph)), bubble)
 
 
 def hardware_yaml(dev: Device, eff: Efficiency, name: str, source: str) -> str:
