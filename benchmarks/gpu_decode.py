@@ -13,8 +13,9 @@ weight-bytes roofline.
    shapes, bf16), a PROMPT-token prefill, then STEPS greedy decode steps per batch size,
    four ways: eager through the torch references, eager through the kernels, the kernels
    replayed as one CUDA graph per step (raypp.model.cuda_graph), and that graph with every
-   product on cuBLAS instead of kernels/gemv.py (which only batch 1 uses).  Every step builds
-   its metadata on the host and reads the sampled ids back, as the engine's worker does.
+   product on cuBLAS instead of kernels/gemv.py (which only batch 1 uses).  Every step reads
+   the sampled ids back; an eager step builds its metadata on the host, a graph step copies
+   in only its indices, as the engine's worker does.
    Roofline tokens/s = batch x copy bandwidth / (weight bytes + KV bytes read per step).
 4. Engine path: the same checkpoint through the engine's StageWorker (`execute`: metadata,
    sampling, the step's timing), greedy decode steps one after another, CUDA graphs off
