@@ -131,7 +131,7 @@ def _distance(eff: Efficiency, base: Efficiency) -> float:
 
 
 def fit(model: ModelSpec, layout: Layout, cluster: Cluster, phases: list[Phase], dtype: str) -> Efficiency:
-    """Grid search; compute factors first (the comm terms do not depend on them), then the call
+    """Compute factors first (the comm terms do not depend on them), then the host bus, the call
     cost, eta_link, and last what only the wall clock shows.
 
     One layout cannot tell every factor apart (bandwidth and per-layer overhead come in the
@@ -140,82 +140,94 @@ def fit(model: ModelSpec, layout: Layout, cluster: Cluster, phases: list[Phase],
     stays as measured by cpu_probe or fitted to published numbers."""
     if not phases or not any(sum(ph.steps) for ph in phases):
         raise ValueError("no steps measured: run load against the deployment before fitting")
-    base = cluster.device.efficiency
-
-    def with_eff(eff: Efficiency) -> Cluster:
-        return replace(cluster, device=replace(cluster.device, efficiency=eff))
-
-    def closest(scored: list[tuple[float, Efficiency]], tolerance: float = 0.01) -> Efficiency:
-        best_err = min(err for err, _ in scored)
-        return min((eff for err, eff in scored if err <= best_err + tolerance), key=lambda e: _distance(e, base))
-
-    # eta_bw is the rate of a one-row (matrix-vector) pass over the weights; forwards of several rows
-    # add the packing passes.  Phases whose decode micro-batches all hold several sequences show only
-    # multi-row forwards: they keep the catalog's one-row rate (cpu_probe's GEMV) and fit the packing.
-    one_row = any(math.ceil(ph.concurrency / ph.micro_batches) == 1 for ph in phases)
-    bws = _geom(0.05, 2.0, 16) if one_row else [base.bw]
-    packs = (0.0, 0.5, 1.0, 1.5, 2.0) if one_row else (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
-    def compute_grid(start: Efficiency) -> Efficiency:
-        scored = []
-        for bw, flops, pack, dec, pre, step in itertools.product(
-                bws, _geom(0.5, 2.0, 5), packs, _geom(5e-6, 2e-3, 8), _geom(5e-6, 2e-3, 6),
-                [0.0] + _geom(1e-5, 2e-2, 7)):
-            eff = replace(start, bw=bw, flops16=flops, pack_passes=pack, layer_overhead_decode=dec,
-                          layer_overhead_prefill=pre, step_overhead=step)
-            scored.append((_worst(rows(model, layout, with_eff(eff), phases, dtype), "compute"), eff))
-        return closest(scored)
-
-    def refine(eff: Efficiency) -> Efficiency:
-        # The grid is coarse (factors of ~1.3-2 apart): step each fitted factor by smaller ratios
-        # while the worst compute error falls.
-        score = lambda e: _worst(rows(model, layout, with_eff(e), phases, dtype), "compute")
-        err = score(eff)
-        names = ("bw",) * one_row + ("flops16", "layer_overhead_decode", "layer_overhead_prefill", "step_overhead")
-        for ratio in (1.25, 1.1, 1.03):
-            improved = True
-            while improved:
-                improved = False
-                for n, r in itertools.product(names, (ratio, 1 / ratio)):
-                    cand = replace(eff, **{n: getattr(eff, n) * r})
-                    if (e := score(cand)) < err - 1e-4:
-                        eff, err, improved = cand, e, True
-        return eff
-
-    best = refine(compute_grid(base))
+    f = _Fit(model, layout, cluster, phases, dtype)
+    best = f.refine(f.compute_grid(f.base))
     # Workers that share a host's memory bus stream slower together than alone: phases that run
     # different numbers of stages at once (or TP ranks) tell by how much.  Searched with the other
     # factors fixed, then those refitted once.
     streams = {min(min(ph.micro_batches, layout.pp) * layout.tp, cluster.gpus_per_node) for ph in phases}
     if len(streams | {1}) > 1:
-        best = closest([(_worst(rows(model, layout, with_eff(e), phases, dtype), "compute"), e)
-                        for e in (replace(best, host_streams=h) for h in (0.0, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0))])
-        best = refine(compute_grid(best))
+        best = f.closest([(f.compute_error(e), e) for e in (replace(best, host_streams=h)
+                                                            for h in (0.0, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0))])
+        best = f.refine(f.compute_grid(best))
     # A stage idles between forwards while the runtime starts its next call: read, not searched.
     calls = [ph.idle_s[s] / ph.steps[s] for ph in phases for s in range(len(ph.steps))
              if ph.steps[s] > 0 and ph.idle_s[s] > 0]
     if calls:
         best = replace(best, call_overhead=statistics.median(calls))
     if layout.world_size > 1:
-        link = min(_geom(0.05, 4.0, 40), key=lambda e: _worst(
-            rows(model, layout, with_eff(replace(best, link=e)), phases, dtype), "comm"))
-        best = replace(best, link=link)
-    # The wall clock also holds what no stage's busy time does: the hops of activations and sampled
-    # ids between processes (PP) and the driver's own time per step.  The per-hop cost and the
-    # per-step cost are searched until the phases' throughput matches, the per-step cost never
-    # below what stage 0's own time showed.
-    timed = [ph for ph in phases if ph.wall_s > 0 and ph.tokens > 0]
-    if timed:
+        best = replace(best, link=min(_geom(0.05, 4.0, 40), key=lambda e: _worst(
+            rows(model, layout, f.cluster_with(replace(best, link=e)), phases, dtype), "comm")))
+    return f.wall_clock(best)
+
+
+class _Fit:
+    """The searches of `fit` over one deployment's phases."""
+
+    def __init__(self, model: ModelSpec, layout: Layout, cluster: Cluster, phases: list[Phase], dtype: str):
+        self.model, self.layout, self.cluster, self.phases, self.dtype = model, layout, cluster, phases, dtype
+        self.base = cluster.device.efficiency
+        # eta_bw is the rate of a one-row (matrix-vector) pass over the weights; forwards of several
+        # rows add the packing passes.  Phases whose decode micro-batches all hold several sequences
+        # show only multi-row forwards: they keep the catalog's one-row rate (cpu_probe's GEMV) and
+        # fit the packing.
+        self.one_row = any(math.ceil(ph.concurrency / ph.micro_batches) == 1 for ph in phases)
+
+    def cluster_with(self, eff: Efficiency) -> Cluster:
+        return replace(self.cluster, device=replace(self.cluster.device, efficiency=eff))
+
+    def compute_error(self, eff: Efficiency) -> float:
+        return _worst(rows(self.model, self.layout, self.cluster_with(eff), self.phases, self.dtype), "compute")
+
+    def closest(self, scored: list[tuple[float, Efficiency]], tolerance: float = 0.01) -> Efficiency:
+        best_err = min(err for err, _ in scored)
+        return min((eff for err, eff in scored if err <= best_err + tolerance), key=lambda e: _distance(e, self.base))
+
+    def compute_grid(self, start: Efficiency) -> Efficiency:
+        bws = _geom(0.05, 2.0, 16) if self.one_row else [self.base.bw]
+        packs = (0.0, 0.5, 1.0, 1.5, 2.0) if self.one_row else (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
+        grid = itertools.product(bws, _geom(0.5, 2.0, 5), packs, _geom(5e-6, 2e-3, 8), _geom(5e-6, 2e-3, 6),
+                                 [0.0] + _geom(1e-5, 2e-2, 7))
+        effs = (replace(start, bw=bw, flops16=flops, pack_passes=pack, layer_overhead_decode=dec,
+                        layer_overhead_prefill=pre, step_overhead=step) for bw, flops, pack, dec, pre, step in grid)
+        return self.closest([(self.compute_error(e), e) for e in effs])
+
+    def refine(self, eff: Efficiency) -> Efficiency:
+        """The grid is coarse (factors of ~1.3-2 apart): step each fitted factor by smaller ratios
+        while the worst compute error falls."""
+        err = self.compute_error(eff)
+        names = ("flops16", "layer_overhead_decode", "layer_overhead_prefill", "step_overhead")
+        if self.one_row:
+            names = ("bw",) + names
+        for ratio in (1.25, 1.1, 1.03):
+            improved = True
+            while improved:
+                improved = False
+                for n, r in itertools.product(names, (ratio, 1 / ratio)):
+                    cand = replace(eff, **{n: getattr(eff, n) * r})
+                    if (e := self.compute_error(cand)) < err - 1e-4:
+                        eff, err, improved = cand, e, True
+        return eff
+
+    def wall_clock(self, best: Efficiency) -> Efficiency:
+        """The wall clock also holds what no stage's busy time does: the hops of activations and
+        sampled ids between processes (PP) and the driver's own time per step.  The per-hop cost
+        and the per-step cost are searched until the phases' throughput matches, the per-step
+        cost never below what stage 0's own time showed."""
+        timed = [ph for ph in self.phases if ph.wall_s > 0 and ph.tokens > 0]
+        if not timed:
+            return best
+
         def thr_err(eff: Efficiency) -> float:
-            c = with_eff(eff)
-            return max(abs(math.log(predicted_phase(model, layout, c, ph, dtype).throughput * ph.wall_s / ph.tokens))
-                       for ph in timed)
-        # Fine steps (~12%) and a tight tie: the two phases tell a per-hop cost (once per micro-batch
+            c = self.cluster_with(eff)
+            return max(abs(math.log(predicted_phase(self.model, self.layout, c, ph, self.dtype).throughput
+                                    * ph.wall_s / ph.tokens)) for ph in timed)
+        # Fine steps (~12%) and a tight tie: the phases tell a per-hop cost (once per micro-batch
         # cycle) from a per-step cost on stage 0 (once per forward there) only by a few percent.
-        hops = [best.hop_overhead] + (_geom(1e-5, 0.05, 70) if layout.pp > 1 else [])
+        hops = [best.hop_overhead] + (_geom(1e-5, 0.05, 70) if self.layout.pp > 1 else [])
         steps = [best.step_overhead] + [x for x in _geom(1e-5, 0.5, 90) if x > best.step_overhead]
-        best = closest([(thr_err(e), e) for e in (replace(best, hop_overhead=h, step_overhead=st)
-                                                  for h in hops for st in steps)], tolerance=0.002)
-    return best
+        return self.closest([(thr_err(e), e) for e in (replace(best, hop_overhead=h, step_overhead=st)
+                                                       for h in hops for st in steps)], tolerance=0.002)
 
 
 @dataclass(frozen=True)
