@@ -165,6 +165,7 @@ class Prediction:
     micro_batches: int
     decode_stages: list[StageTime]
     prefill_stages: list[StageTime]
+    hop_latency: float     # s, what a decode micro-batch's cycle adds to its stages' times (PP)
 
 
 def prefill(shapes, layout, cluster, wl, seqs: int = 1, active_stages: int = 1) -> list[StageTime]:
@@ -208,7 +209,8 @@ def predict(shapes, layout, cluster, wl, concurrency: int) -> Prediction:
     life = wl.output_len * round_t + c * stall
     ttft = sum(t.total for t in pre) + hop_latency(layout, cluster, 1) + (round_t / 2 if c > 1 else 0.0)
     itl = round_t + (c - 1) * stall / wl.output_len
-    return Prediction(ttft, itl, round_t, stall, c * wl.output_len / life, bubble, c, m, st, pre)
+    return Prediction(ttft, itl, round_t, stall, c * wl.output_len / life, bubble, c, m, st, pre,
+                      hop_latency(layout, cluster, math.ceil(c / m)))
 
 
 def static_batch_throughput(shapes, layout, cluster, wl, batch: int, per_forward: int | None = None) -> float:

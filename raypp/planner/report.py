@@ -79,8 +79,12 @@ def explain(cands: list[Candidate], wl: Workload, opts: Options, gpu_name: str) 
                  f"KV cache room for {best.memory.kv_seqs} full contexts per replica.")
     step = p.decode_stages
     comp, ar, send = (sum(t.compute for t in step), sum(t.all_reduce for t in step), sum(t.send for t in step))
+    calls = sum(t.call for t in step)
+    # the runtime's terms (raypp's CPU profile, a calibrated file) only where they are not zero
+    runtime = (f", runtime calls {calls * 1e3:.2f} ms" if calls else "") + (
+        f", pipeline hops {p.hop_latency * 1e3:.2f} ms" if p.hop_latency else "")
     lines.append(f"  One decode pass over all stages: compute {comp * 1e3:.2f} ms, TP all-reduce "
-                 f"{ar * 1e3:.2f} ms, PP sends {send * 1e3:.2f} ms.")
+                 f"{ar * 1e3:.2f} ms, PP sends {send * 1e3:.2f} ms{runtime}.")
     if len(fitting) > 1:
         r = fitting[1]
         rp = r.prediction
