@@ -31,7 +31,8 @@ class Link:
 
 @dataclass(frozen=True)
 class Efficiency:
-    """Fractions of peak that real serving kernels reach.
+    """Fractions of peak that real serving kernels reach, the shape of their rooflines, and the
+    fixed costs of the serving loop and runtime around them.
 
     GPU defaults are `calibration.fit()` over the 23 published measurements of
     `measurements.CALIBRATION` (bw capped at 0.90: STREAM-like kernels reach ~90%
@@ -46,7 +47,7 @@ class Efficiency:
     step_overhead: float = 1e-3              # s per decode step: scheduling, input preparation, sampling
     # Share of the shorter of (weight/KV streaming, FLOPs) a kernel hides behind the longer: 1 is the
     # roofline's max() (GPU kernels overlap loads with tensor-core math; the fit keeps 1), 0 their sum
-    # (a CPU GEMM at small batch stalls its FMAs on the weight stream: T(b) grows from T(1), cpu_probe).
+    # (a CPU GEMM at decode batch sizes stalls its FMAs on the weight stream: T(b) = weights + b x FLOPs).
     overlap: float = 1.0
     # Extra passes over a linear layer's weights when a forward multiplies more than one row: a CPU
     # sgemm copies weight panels into its packed layout on every call (read + write, then the packed
