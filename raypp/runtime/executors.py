@@ -3,11 +3,11 @@
 Both `submit` a `StepInput` at once and hand back a handle whose `outputs` (every
 worker's `StepOutput`) can be awaited later, from any event loop: a step in flight
 outlives the loop that sent it (a caller's `asyncio.run` may end first).  The Ray
-executor sends the step to all workers at once; Ray runs an actor's calls in
-submission order, so stage 1 starts micro-batch k (blocking on the activations
-from stage 0) while stage 0 already computes k+1: the pipeline.  Only the small
-step metadata goes through Ray (inlined in each call); activations go stage to
-stage by torch.distributed.
+executor sends the step to all workers at once, each runs its steps in submission
+order, so stage 1 starts micro-batch k (blocking on the activations from stage 0)
+while stage 0 already computes k+1: the pipeline.  Only the small step metadata
+travels from the driver (by default over a socket per worker, `step_channel.py`;
+or as Ray actor calls); activations go stage to stage by torch.distributed.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from raypp.errors import WorkerSetupError
 from raypp.layout import Layout
 from raypp.parallel.placement import create_stage_groups, remove_groups, worker_bundle
 from raypp.runtime.step import StepInput, StepOutput
+from raypp.runtime.step_channel import StepClient, StepServer, settled
 from raypp.runtime.worker import StageWorker
 
 
@@ -49,7 +50,8 @@ class Executor(Protocol):
 class LocalExecutor:
     def __init__(self, model_path: str, config: DeploymentConfig, layout: Layout, num_blocks: int):
         self.worker = StageWorker(model_path, config.model.dtype, layout, 0, 0, num_blocks,
-                                  config.scheduler.block_size, config.parallel.device, progress=True)
+                                  config.scheduler.block_size, config.parallel.device, progress=True,
+                                  cuda_graph_max_batch=config.parallel.cuda_graph_max_batch)
         # One thread keeps the event loop (HTTP streams, new requests) responsive during a step
         # and runs the steps in flight one after another, in submission order.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raypp-step")
@@ -58,7 +60,7 @@ class LocalExecutor:
         return self._thread.submit(self.worker.execute, step)
 
     async def outputs(self, handle: Future) -> list[StepOutput]:
-        return [await asyncio.wrap_future(handle)]
+        return [await settled(handle)]
 
     async def check_health(self) -> None:
         pass
@@ -80,6 +82,7 @@ class StageActor:
         import torch
         import torch.distributed as dist
         # Ray sets OMP_NUM_THREADS=1 in actors; a CPU worker uses the CPUs its bundle reserved.
+        self.threads = threads
         torch.set_num_threads(threads)
         dist.init_process_group(backend, init_method=f"tcp://{address[0]}:{address[1]}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=timeout_s))
@@ -90,14 +93,40 @@ class StageActor:
     def execute(self, step: StepInput) -> StepOutput:
         return self.worker.execute(step)
 
+    def open_step_server(self, token: str) -> tuple[str, int]:
+        """Starts serving steps on a socket (step_channel.py); returns its address."""
+        import torch
+        # OpenMP's thread count is per thread: the serving thread sets its own.
+        self.step_server = StepServer(self.worker.execute, lambda: torch.set_num_threads(self.threads), token)
+        return ray.util.get_node_ip_address(), self.step_server.port
+
     def ping(self) -> bool:
         return True
+
+
+class ActorCalls:
+    """Steps as plain Ray actor calls (parallel.step_transport: ray)."""
+
+    def __init__(self, actors: list):
+        self.actors = actors
+
+    def submit(self, step: StepInput) -> list[ray.ObjectRef]:
+        # By value: a step is a few KB, so Ray inlines it in each call; a ray.put into the object
+        # store first costs the driver twice the CPU (benchmarks/ray_call_cost.py).
+        return [a.execute.remote(step) for a in self.actors]
+
+    async def outputs(self, refs: list[ray.ObjectRef]) -> list[StepOutput]:
+        return await asyncio.gather(*refs)
+
+    def close(self) -> None:
+        pass
 
 
 class RayExecutor:
     def __init__(self, model_path: str, config: DeploymentConfig, layout: Layout, num_blocks: int):
         par = config.parallel
         self.step_timeout_s = par.step_timeout_s
+        self.steps: StepClient | ActorCalls | None = None
         # Named per executor: several replicas (or engines) share one Ray namespace.
         self.groups = create_stage_groups(layout.tp, layout.pp, par, name=f"raypp-{uuid.uuid4().hex[:8]}")
         bundle = worker_bundle(par)
@@ -119,9 +148,16 @@ class RayExecutor:
                 actor.setup.remote(rank, layout.world_size, address, threads, backend, par.step_timeout_s, dict(
                     model_path=model_path, dtype=config.model.dtype, layout=layout, stage=rank // layout.tp,
                     tp_rank=rank % layout.tp, num_blocks=num_blocks, block_size=config.scheduler.block_size,
-                    device=par.device, timeout_s=par.step_timeout_s))
+                    device=par.device, timeout_s=par.step_timeout_s, cuda_graph_max_batch=par.cuda_graph_max_batch))
                 for rank, actor in enumerate(self.actors)]
             self.worker_info = self._wait_setup(setups, layout, par.setup_timeout_s, address[0], model_path)
+            if par.step_transport == "socket":
+                token = uuid.uuid4().hex
+                addresses = ray.get([a.open_step_server.remote(token) for a in self.actors],
+                                    timeout=par.setup_timeout_s)
+                self.steps = StepClient(addresses, token, connect_timeout_s=par.setup_timeout_s)
+            else:
+                self.steps = ActorCalls(self.actors)
         except BaseException:
             self.shutdown()
             raise
@@ -147,19 +183,20 @@ class RayExecutor:
                 f"or check that every node can reach {host}")
         return ray.get(setups)
 
-    def submit(self, step: StepInput) -> list[ray.ObjectRef]:
-        # By value: a step is a few KB, so Ray inlines it in each call; a ray.put into the object
-        # store first costs the driver twice the CPU (benchmarks/ray_call_cost.py).
-        return [a.execute.remote(step) for a in self.actors]
+    def submit(self, step: StepInput) -> list:
+        return self.steps.submit(step)
 
-    async def outputs(self, refs: list[ray.ObjectRef]) -> list[StepOutput]:
-        return await asyncio.gather(*refs)
+    async def outputs(self, handles: list) -> list[StepOutput]:
+        return await self.steps.outputs(handles)
 
     async def check_health(self) -> None:
-        # A ping waits behind the steps queued on its actor: allow what a step may take.
+        # Over actor calls a ping waits behind the steps queued on its actor: allow what a step may take.
         await asyncio.wait_for(asyncio.gather(*[a.ping.remote() for a in self.actors]), self.step_timeout_s)
 
     def shutdown(self) -> None:
+        if self.steps is not None:
+            self.steps.close()
+            self.steps = None
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
