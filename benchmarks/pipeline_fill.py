@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
 import sys
 import time
@@ -42,8 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline_scaling import (CONCURRENCY, INPUT_LEN, OUTPUT_LEN, RAY_INIT, TOKEN_BUDGET, LayoutRun,  # noqa: E402
-                              measure_against_ref, small_checkpoint)
+from pipeline_scaling import (CONCURRENCY, INPUT_LEN, OUTPUT_LEN, TOKEN_BUDGET, LayoutRun,  # noqa: E402
+                              measure_against_ref, run_on_ray, small_checkpoint)
 
 from raypp import benchmark as bench  # noqa: E402
 
@@ -245,8 +244,6 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline_fill.json"))
     args = ap.parse_args()
     bench.env_defaults()
-    import ray
-
     small = small_checkpoint(Path(args.small))
     only = [n for n in args.only.split(",") if n] or list(LAYOUTS)
     cks = {"small": (small, [n for n in LAYOUTS if n in only])}
@@ -259,15 +256,8 @@ def main() -> int:
     if Path(args.vllm_pp2).is_file():
         results["vllm_pp2"] = json.loads(Path(args.vllm_pp2).read_text())
     t0 = time.perf_counter()
-    ray.init(**RAY_INIT, log_to_driver=False)
-    try:
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-        results["host"] = bench.host_info()
-        for tag, (path, names) in cks.items():
-            results["checkpoints"][tag] = run_checkpoint(tag, path, args.reps, names)
-            bench.write_json(results, args.out)
-    finally:
-        ray.shutdown()
+    run_on_ray(results, {tag: (path, args.reps, names) for tag, (path, names) in cks.items()}, run_checkpoint,
+               args.out)
     results["loadavg_after"] = os.getloadavg()
     results["wall_s"] = time.perf_counter() - t0
     results["summary"] = summarize(results)

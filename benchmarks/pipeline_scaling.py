@@ -305,6 +305,22 @@ def summarize(results: dict, peers_root: Path) -> dict:
     return {"ratios": s, "targets": t}
 
 
+def run_on_ray(results: dict, jobs: dict, run, out: str) -> None:
+    """`results["checkpoints"][tag] = run(tag, *args)` for each job, on a local Ray cluster."""
+    import ray
+    ray.init(**RAY_INIT, log_to_driver=False)
+    try:
+        # `timeout` or a kill sends SIGTERM: leave through `finally`, so that Ray is shut down
+        # (set after ray.init, which installs a handler of its own).
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        results["host"] = bench.host_info()
+        for tag, job in jobs.items():
+            results["checkpoints"][tag] = run(tag, *job)
+            bench.write_json(results, out)  # partial results survive a later failure
+    finally:
+        ray.shutdown()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", default=str(ROOT / "checkpoints" / "small"))
@@ -316,8 +332,6 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline_scaling.json"))
     args = ap.parse_args()
     bench.env_defaults()
-    import ray
-
     small = small_checkpoint(Path(args.small))
     cks = {"small": (small, "small")}
     if (Path(args.peers_ckpt) / "config.json").is_file():
@@ -333,19 +347,9 @@ def main() -> int:
                    "cpus_per_worker": 1},
                "checkpoints": {}}
     t0 = time.perf_counter()
-    ray.init(**RAY_INIT, log_to_driver=False)
-    try:
-        # `timeout` or a kill sends SIGTERM: leave through `finally`, so that Ray is shut down
-        # (set after ray.init, which installs a handler of its own).
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-        results["host"] = bench.host_info()
-        for tag, (path, planner_model) in cks.items():
-            if tag in skip:
-                continue
-            results["checkpoints"][tag] = run_checkpoint(tag, path, args.reps, True, planner_model, only)
-            bench.write_json(results, args.out)  # partial results survive a later failure
-    finally:
-        ray.shutdown()
+    jobs = {tag: (path, args.reps, True, planner_model, only) for tag, (path, planner_model) in cks.items()
+            if tag not in skip}
+    run_on_ray(results, jobs, run_checkpoint, args.out)
     results["wall_s"] = time.perf_counter() - t0
     results["summary"] = summarize(results, Path(args.peers_root))
     out = Path(args.out)

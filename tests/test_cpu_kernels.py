@@ -12,6 +12,7 @@ import torch
 from kernels import activation, cpu, paged_attention, rmsnorm
 from raypp.model import ops
 from raypp.model.attention import AttentionMetadata
+from tests.kernel_cases import paged_cache
 
 if shutil.which("g++") is None:
     pytest.skip("no g++: the CPU kernels cannot be built here", allow_module_level=True)
@@ -55,20 +56,6 @@ def test_silu_and_mul(dtype):
     assert_close(cpu.silu_and_mul(g, u), activation.silu_and_mul_ref(g, u), dtype)
     g, u = rand(2, 3, 2 * 300, dtype=dtype, seed=12).split(300, dim=-1)  # halves of one fused product
     assert_close(cpu.silu_and_mul(g, u), activation.silu_and_mul_ref(g, u), dtype)
-
-
-def paged_cache(lens, kv_heads, head_dim, block_size, dtype, seed):
-    """k/v caches of random data and int32 block tables of shuffled blocks, one row per context."""
-    widest = max((n + block_size - 1) // block_size for n in lens)
-    num_blocks = widest * len(lens) + 3
-    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed))
-    tables = torch.zeros(len(lens), widest, dtype=torch.int32)
-    for i, n in enumerate(lens):
-        used = (n + block_size - 1) // block_size
-        tables[i, :used] = order[i * widest: i * widest + used].int()
-    k = rand(num_blocks * block_size, kv_heads, head_dim, dtype=dtype, seed=seed + 1)
-    v = rand(num_blocks * block_size, kv_heads, head_dim, dtype=dtype, seed=seed + 2)
-    return k, v, tables
 
 
 DECODE_CASES = [  # lens, q_heads, kv_heads, head_dim, block_size

@@ -19,6 +19,7 @@ if not torch.cuda.is_available() and not kernels.INTERPRETED:
 from raypp.model import ops
 from raypp.model.attention import AttentionMetadata
 from raypp.model.rope import inv_frequencies, rope_cos_sin
+from tests.kernel_cases import paged_cache
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16]
@@ -88,19 +89,10 @@ def test_gemv(n, k, bias, dtype):
 
 
 def paged_case(lens, q_heads, kv_heads, head_dim, block_size, dtype, seed):
-    """A cache of random data (unused slots too) and block tables of shuffled blocks."""
-    widest = max((n + block_size - 1) // block_size for n in lens)
-    num_blocks = widest * len(lens) + 3
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(num_blocks, generator=g)
-    tables = torch.zeros(len(lens), widest, dtype=torch.int32)
-    for i, n in enumerate(lens):
-        used = (n + block_size - 1) // block_size
-        tables[i, :used] = order[i * widest: i * widest + used].int()
-    k = rand(num_blocks * block_size, kv_heads, head_dim, dtype=dtype, seed=seed + 1)
-    v = rand(num_blocks * block_size, kv_heads, head_dim, dtype=dtype, seed=seed + 2)
+    """A cache of random data (unused slots too), block tables of shuffled blocks, and queries."""
+    k, v, tables = paged_cache(lens, kv_heads, head_dim, block_size, dtype, seed, DEVICE)
     q = rand(len(lens), q_heads, head_dim, dtype=dtype, seed=seed + 3)
-    return (q, k, v, tables.to(DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE), max(lens),
+    return (q, k, v, tables, torch.tensor(lens, dtype=torch.int32, device=DEVICE), max(lens),
             block_size, head_dim ** -0.5)
 
 
