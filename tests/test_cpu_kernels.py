@@ -180,3 +180,37 @@ def test_model_through_cpu_kernels_matches_torch_path(tiny_ckpt):
                             for seqs, q, n in steps]
     for out, ref in zip(logits["cpu"], logits["torch"]):
         assert (out - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,out_features,in_features,bias", [
+    (1, 96, 64, False),     # batch-1 decode
+    (5, 192, 64, True),     # a micro-batch, with a bias (qkv_bias models)
+    (33, 64, 160, False),   # more rows than the packing's hint
+    (300, 128, 96, False),  # a prefill chunk
+])
+def test_packed_linear_equals_f_linear(dtype, rows, out_features, in_features, bias):
+    from kernels import cpu_linear
+    if not cpu_linear.available(dtype):
+        pytest.skip(f"this torch build cannot pack {dtype} weights for oneDNN")
+    x, w = rand(rows, in_features, dtype=dtype, seed=31), rand(out_features, in_features, dtype=dtype, seed=32)
+    b = rand(out_features, dtype=dtype, seed=33) if bias else None
+    cpu_linear.pack(w)
+    assert_close(cpu_linear.linear(x, cpu_linear.packed_of(w), b), torch.nn.functional.linear(x, w, b), dtype)
+
+
+def test_loaded_cpu_weights_are_packed_and_the_torch_path_ignores_them(tiny_ckpt):
+    from kernels import cpu_linear
+    from raypp.model.checkpoint import load_weights
+    from raypp.model.config import ModelConfig
+    from raypp.model.llama import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.from_dir(tiny_ckpt))
+    load_weights(model, tiny_ckpt, torch.float32, "cpu")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(cpu_linear.packed_of(m.weight) is not None for m in linears)
+    x = rand(3, model.cfg.hidden_size, seed=34)
+    w = model.layers["0"].mlp.gate_proj.weight
+    with ops.use("torch"):
+        assert torch.equal(ops.linear(x, w), torch.nn.functional.linear(x, w))

@@ -39,7 +39,9 @@ def test_prefill_logits_batched_match_transformers(ckpt, setup):
     _, hf, prompts = setup
     for ours, prompt in zip(prefill_logits(ckpt, prompts), prompts):
         ref = hf(torch.tensor([prompt])).logits[0]
-        assert (ours - ref).abs().max().item() < 1e-4
+        # fp32 rounding of two summation orders (oneDNN's packed products, transformers' sgemm):
+        # measured up to 5e-6 of the logits' scale at 64 tokens on `small` (2e-6 with sgemm on both).
+        assert (ours - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
 
 
 def test_greedy_tokens_match_transformers_alone_and_batched(ckpt, setup):
@@ -87,4 +89,6 @@ def test_model_families_match_transformers(kind, tmp_path):
     prompts = random_prompts(300, [40, 300], seed=1)
     for ours, prompt in zip(prefill_logits(path, prompts), prompts):
         ref = hf(torch.tensor([prompt])).logits[0]
-        assert (ours - ref).abs().max().item() < 1e-4
+        # fp32 rounding of two summation orders (oneDNN's packed products, transformers' sgemm):
+        # measured up to 5e-6 of the logits' scale at 64 tokens on `small` (2e-6 with sgemm on both).
+        assert (ours - ref).abs().max().item() < 1e-5 * ref.abs().max().item()

@@ -117,4 +117,6 @@ def load_weights(model: nn.Module, path: str | Path, dtype: torch.dtype, device:
         setattr(model.get_submodule(owner), leaf, new)
     if torch.device(device).type == "cuda":
         model.fuse_projections()
+    else:
+        model.pack_linears()
     return reader.bytes_read

@@ -71,7 +71,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, meta: AttentionMetadata):
         t, hd = x.shape[0], self.head_dim
         if self.qkv is None:
-            q, k, v = (proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj))
+            q, k, v = (ops.linear(x, proj.weight, proj.bias) for proj in (self.q_proj, self.k_proj, self.v_proj))
         else:
             weight, bias, sizes = self.qkv
             q, k, v = ops.linear(x, weight, bias).split(sizes, dim=-1)
@@ -91,7 +91,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.gate_up is None:
-            return ops.linear(ops.silu_and_mul(self.gate_proj(x), self.up_proj(x)), self.down_proj.weight)
+            gate, up = ops.linear(x, self.gate_proj.weight), ops.linear(x, self.up_proj.weight)
+            return ops.linear(ops.silu_and_mul(gate, up), self.down_proj.weight)
         weight, _, sizes = self.gate_up
         gate, up = ops.linear(x, weight).split(sizes, dim=-1)
         return ops.linear(ops.silu_and_mul(gate, up), self.down_proj.weight)
@@ -149,6 +150,10 @@ class Transformer(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             attn.qkv = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
             mlp.gate_up = fuse_linears(mlp.gate_proj, mlp.up_proj)
+
+    def pack_linears(self) -> None:
+        """The CPU's products read weights packed once for oneDNN (ops.pack_linears)."""
+        ops.pack_linears([m.weight for m in self.modules() if isinstance(m, nn.Linear)])
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """x: token ids [T] (if this module embeds) or hidden states [T, d].

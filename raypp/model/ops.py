@@ -4,7 +4,8 @@ CUDA tensors go to the fused Triton kernels in `kernels/` (decode attention: Fla
 `flashinfer-python` is installed, else Triton).  CPU tensors go to the C++ kernels of
 `kernels/cpu.py` (paged attention read in place, fused RMSNorm + residual, SiLU-and-mul),
 which the host's compiler builds on first use; without a compiler, they get the torch
-references next to the kernels, which are also the ground truth in tests.
+references next to the kernels, which are also the ground truth in tests.  CPU products go
+to oneDNN with weights packed at load time (`kernels/cpu_linear.py`, `pack_linears`).
 RAYPP_KERNELS=torch|cpu|triton|flashinfer, or `use()` in tests, overrides the choice
 ("triton" on CPU tensors runs Triton's interpreter; "cpu" touches only CPU tensors).
 """
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 import torch
 
 import kernels
-from kernels import activation, cpu, gemv, paged_attention, rmsnorm, rotary
+from kernels import activation, cpu, cpu_linear, gemv, paged_attention, rmsnorm, rotary
 
 HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
 _forced: str | None = os.environ.get("RAYPP_KERNELS") or None
@@ -54,7 +55,22 @@ use_gemv = True
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if use_gemv and x.dim() == 2 and x.shape[0] == 1 and backend(x.device) == "triton":
         return gemv.gemv(x, weight, bias)
+    packed = cpu_linear.packed_of(weight)
+    if packed is not None and _onednn(x.device):
+        return cpu_linear.linear(x, packed, bias)
     return gemv.gemv_ref(x, weight, bias)
+
+
+def _onednn(device: torch.device) -> bool:
+    # oneDNN ships inside torch: no compiler needed, so only RAYPP_KERNELS=torch turns it off.
+    return device.type == "cpu" and _forced in (None, "cpu")
+
+
+def pack_linears(weights: list[torch.Tensor]) -> None:
+    """Packs CPU weights for oneDNN (once, after loading), unless the torch path is forced."""
+    for w in weights:
+        if _onednn(w.device) and cpu_linear.available(w.dtype):
+            cpu_linear.pack(w)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
