@@ -9,7 +9,9 @@ The fp32 model holds `batch` sequences of CONTEXT tokens (prefilled once); a ste
 worker runs for one new token per sequence, sampling aside: the metadata built on the host,
 then Transformer.forward.  The two routes run in turns, `--reps` times each, and the medians
 are reported, at batch 1 and 32; then the ops alone at batch 32 (decode attention over the
-paged cache, add + RMSNorm, SiLU-and-mul) and one prefill step of 32 x 128-token prompts.
+paged cache, add + RMSNorm, SiLU-and-mul), one layer's gate_proj product at 1 to 4096 rows
+(F.linear against oneDNN on the weight packed at load time), and one prefill step of 32 x
+128-token prompts.
 `--compile` adds the route not taken: the reference decode attention under torch.compile,
 its first call (a cold compile: inductor gets an empty cache directory) and its steady call, then the first call at the next step's
 shape (one more context token), as every decode step brings.  `--profile` prints where a
@@ -67,7 +69,7 @@ def main() -> int:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="raypp-inductor-")
     import torch
 
-    from kernels import activation, cpu, paged_attention, rmsnorm
+    from kernels import activation, cpu, cpu_linear, paged_attention, rmsnorm
     from raypp.model import ops
     from raypp.model.attention import AttentionMetadata
     from raypp.model.checkpoint import load_weights
@@ -131,6 +133,15 @@ def main() -> int:
         for name, fn in opfns.items():
             out[f"op_ms_bs32_{name}"] = ms = timed(fn, args.reps * 10)
             log(f"{name} (batch 32, per layer): torch {ms['torch'] * 1e3:.0f} us, cpu kernels {ms['cpu'] * 1e3:.0f} us")
+        # One layer's gate_proj at the rows of a batch-1 decode, a micro-batch and a prefill:
+        # F.linear (sgemm) against oneDNN reading the weight packed at load time.
+        wg = model.layers["0"].mlp.gate_proj.weight
+        for rows in (1, 16, 32, 4096):
+            xr = torch.randn(rows, cfg.hidden_size)
+            fn = lambda r, xr=xr: (torch.nn.functional.linear(xr, wg) if r == "torch"  # noqa: E731
+                                   else cpu_linear.linear(xr, cpu_linear.packed_of(wg), None))
+            out[f"op_ms_linear_gate_proj_rows{rows}"] = ms = timed(fn, args.reps * (10 if rows < 1000 else 1))
+            log(f"gate_proj, {rows} rows: F.linear {ms['torch'] * 1e3:.0f} us, oneDNN packed {ms['cpu'] * 1e3:.0f} us")
 
         if args.compile:
             compiled = torch.compile(paged_attention.paged_decode_attention_ref)

@@ -1,12 +1,12 @@
 """Linear layers on the CPU through oneDNN, with each weight packed once at load time.
 
 `F.linear` on the CPU goes to a BLAS sgemm that copies the weight into its own blocked
-layout on every call, and on AMD CPUs takes a path that runs at half the AVX-512 rate.
-oneDNN (shipped inside torch) computes from a weight packed once into the layout its
-kernels read.  Measured on this host's AMD EPYC, one thread, 3072 x 768 fp32
-(docs/benchmarks.md, "CPU kernels"): 2.6x faster at 16-32 rows (a decode step's
-micro-batch), 2.0x at 4096 (a prefill), 1.2x at one row; results within fp32 rounding
-of `F.linear` (a different summation order).
+layout on every call; on this host's AMD EPYC its large products reach about half the FLOP
+rate oneDNN's do (111 vs 241 GFLOP/s on one core, fp32).  oneDNN (shipped inside torch) computes
+from a weight packed once into the layout its kernels read.  Measured by
+benchmarks/cpu_kernels.py on the `small` preset's gate_proj (2816 x 1024 fp32, one thread):
+1.6x faster at one row, 2.1x at 16-32 rows (a decode micro-batch), 2.2x at 4096 (a
+prefill); results within fp32 rounding of `F.linear` (another summation order).
 
 The packed copy lives next to the weight (as an attribute of the tensor), so the model,
 its sharding and checkpoints keep seeing a plain weight; it costs a second copy of the
