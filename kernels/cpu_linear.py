@@ -52,5 +52,20 @@ def packed_of(weight: torch.Tensor) -> torch.Tensor | None:
     return getattr(weight, _ATTR, None)
 
 
+def padded_rows(rows: int) -> int:
+    """The row count a product of `rows` rows runs at: a power of two up to 64, then four sizes
+    per doubling (at most 25% padding).  oneDNN builds and caches a kernel per input shape,
+    ~0.7 MB and 0.3-0.8 ms each (measured), and a serving step's token count takes every value
+    up to the token budget: unpadded, a worker's memory grew ~700 MB until the cache was full."""
+    if rows <= 64:
+        return 1 << (rows - 1).bit_length()
+    step = 1 << (rows.bit_length() - 3)
+    return -(-rows // step) * step
+
+
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    rows = x.shape[0]
+    padded = padded_rows(rows)
+    if padded != rows:
+        x = F.pad(x, (0, 0, 0, padded - rows))
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")[:rows]

@@ -214,3 +214,11 @@ def test_loaded_cpu_weights_are_packed_and_the_torch_path_ignores_them(tiny_ckpt
     w = model.layers["0"].mlp.gate_proj.weight
     with ops.use("torch"):
         assert torch.equal(ops.linear(x, w), torch.nn.functional.linear(x, w))
+
+
+def test_products_run_at_few_row_counts_with_little_padding():
+    """oneDNN caches a kernel per shape: every token count up to 4096 maps onto 31 row counts."""
+    from kernels.cpu_linear import padded_rows
+    sizes = {r: padded_rows(r) for r in range(1, 4097)}
+    assert len(set(sizes.values())) == 31
+    assert all(p >= r and (r <= 64 or p <= 1.25 * r) for r, p in sizes.items())
