@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from raypp.runtime.step_channel import StepClient, StepFailed, StepServer, WorkerLost, _send
+from raypp.runtime import step_channel
+from raypp.runtime.step_channel import _HEADER, StepClient, StepFailed, StepServer, WorkerLost, _frame
 from raypp.runtime.step import StepInput
 
 
@@ -88,11 +89,22 @@ def test_a_worker_that_dies_fails_its_pending_and_later_steps():
         proc.join(10)
 
 
-def test_a_connection_without_the_token_is_turned_away():
+def closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:   # closed with our bytes still unread on its side
+        return True
+
+
+def test_a_connection_without_the_token_is_turned_away_unread(monkeypatch):
+    monkeypatch.setattr(step_channel, "_HANDSHAKE_TIMEOUT_S", 0.5)
     address = serve(lambda s: s.step_id, token="right")
-    with socket.create_connection(address, timeout=10) as stray:
-        _send(stray, "wrong")
-        assert stray.recv(1) == b""   # closed by the worker
+    with socket.create_connection(address, timeout=10) as silent:     # says nothing: dropped after 0.5 s
+        assert closed_by_peer(silent)
+    for stray_bytes in (_frame("right"), _HEADER.pack(5) + b"wrong"):  # a pickle is not the token
+        with socket.create_connection(address, timeout=10) as stray:
+            stray.sendall(stray_bytes)
+            assert closed_by_peer(stray)
     client = StepClient([address], "right", 10.0)
     try:
         assert asyncio.run(client.outputs(client.submit(step(5)))) == [5]

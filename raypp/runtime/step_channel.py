@@ -11,13 +11,15 @@ microseconds and no CPU while idle, and reaches workers on other nodes too.
 
 Protocol, one connection per worker, both directions in step order: a frame is an
 8-byte length and a pickle.  The driver first sends the token the worker was given
-through Ray (a stray connection to the port is turned away), then `StepInput`s; the
+through Ray, as raw bytes (a stray connection to the port is turned away unread), then
+`StepInput`s; the
 worker runs each and sends back its `StepOutput`, or a `StepFailure` when it raised.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import hmac
 import pickle
 import socket
 import struct
@@ -30,6 +32,7 @@ from typing import Any, Callable
 from raypp.runtime.step import StepInput, StepOutput
 
 _HEADER = struct.Struct("!Q")
+_HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class WorkerLost(RuntimeError):
@@ -110,13 +113,20 @@ class StepServer:
         threading.Thread(target=self._serve, name="raypp-steps", daemon=True).start()
 
     def _accept(self) -> socket.socket:
+        # The token is compared as raw bytes, never unpickled: a stray peer gets no pickle.loads.
+        expected = self._token.encode()
         while True:
             conn, _ = self._listener.accept()
             try:
-                if _recv(conn) == self._token:
+                conn.settimeout(_HANDSHAKE_TIMEOUT_S)   # a silent stray peer must not block the driver
+                header = _recv_exactly(conn, _HEADER.size)
+                size = _HEADER.unpack(header)[0] if header else 0
+                got = _recv_exactly(conn, size) if 0 < size <= len(expected) else None
+                if got is not None and hmac.compare_digest(got, expected):
+                    conn.settimeout(None)
                     self._listener.close()
                     return _no_delay(conn)
-            except (OSError, pickle.UnpicklingError, EOFError):
+            except OSError:
                 pass
             conn.close()
 
@@ -146,7 +156,7 @@ class StepClient:
             for rank, address in enumerate(addresses):
                 conn = _no_delay(socket.create_connection(address, timeout=connect_timeout_s))
                 conn.settimeout(None)
-                _send(conn, token)
+                conn.sendall(_HEADER.pack(len(token.encode())) + token.encode())
                 self._conns.append(conn)
                 self._pending.append(collections.deque())
                 threading.Thread(target=self._read, args=(rank,), name=f"raypp-steps-{rank}", daemon=True).start()
