@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
@@ -100,6 +101,11 @@ class StageActor:
         self.step_server = StepServer(self.worker.execute, lambda: torch.set_num_threads(self.threads), token)
         return ray.util.get_node_ip_address(), self.step_server.port
 
+    def wait_until_killed(self) -> None:
+        """Never returns: the driver holds this call's result so that Ray tells it when this worker
+        is gone (process, node), which a socket to an orphaned process would not."""
+        threading.Event().wait()
+
     def ping(self) -> bool:
         return True
 
@@ -139,7 +145,10 @@ class RayExecutor:
                     strategy = PlacementGroupSchedulingStrategy(self.groups[stage], placement_group_bundle_index=tp_rank)
                     self.actors.append(actor_cls.options(
                         num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), resources=extra,
-                        scheduling_strategy=strategy, name=None).remote())
+                        scheduling_strategy=strategy, name=None,
+                        # Over the socket a thread of its own holds `wait_until_killed`; over
+                        # actor calls one thread keeps the steps in order.
+                        max_concurrency=2 if par.step_transport == "socket" else 1).remote())
             address = ray.get(self.actors[0].rendezvous_address.remote(), timeout=par.setup_timeout_s)
             backend = "nccl" if par.device == "cuda" else "gloo"
             threads = max(1, int(par.cpus_per_worker))
@@ -156,6 +165,9 @@ class RayExecutor:
                 addresses = ray.get([a.open_step_server.remote(token) for a in self.actors],
                                     timeout=par.setup_timeout_s)
                 self.steps = StepClient(addresses, token, connect_timeout_s=par.setup_timeout_s)
+                watches = [a.wait_until_killed.remote() for a in self.actors]
+                threading.Thread(target=self._watch, args=(self.steps, watches), name="raypp-watch",
+                                 daemon=True).start()
             else:
                 self.steps = ActorCalls(self.actors)
         except BaseException:
@@ -182,6 +194,15 @@ class RayExecutor:
                 f"{timeout_s:g}s (parallel.setup_timeout_s): raise it for large checkpoints on slow storage, "
                 f"or check that every node can reach {host}")
         return ray.get(setups)
+
+    @staticmethod
+    def _watch(steps: StepClient, watches: list) -> None:
+        """Fails the steps once Ray reports a worker dead (killed, or its node lost)."""
+        (done, *_), _ = ray.wait(watches, num_returns=1, timeout=None)
+        try:
+            ray.get(done)
+        except Exception as e:
+            steps.fail(f"worker rank {watches.index(done)} is gone: {type(e).__name__}")
 
     def submit(self, step: StepInput) -> list:
         return self.steps.submit(step)

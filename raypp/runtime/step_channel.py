@@ -179,7 +179,7 @@ class StepClient:
             try:
                 conn.sendall(frame)
             except OSError as e:
-                self._fail(f"worker rank {rank}: sending a step failed ({e})")
+                self.fail(f"worker rank {rank}: sending a step failed ({e})")
         return futures
 
     async def outputs(self, futures: list[Future]) -> list[StepOutput]:
@@ -194,7 +194,7 @@ class StepClient:
                 out = e
             if out is None or isinstance(out, OSError):
                 why = "the connection closed" if out is None else str(out)
-                self._fail(f"worker rank {rank} stopped answering steps ({why}): its process died "
+                self.fail(f"worker rank {rank} stopped answering steps ({why}): its process died "
                                  f"or was killed")
                 return
             with self._lock:
@@ -206,7 +206,8 @@ class StepClient:
             else:
                 future.set_result(out)
 
-    def _fail(self, why: str) -> None:
+    def fail(self, why: str) -> None:
+        """Every pending and later step fails with WorkerLost(why)."""
         with self._lock:
             self._lost = self._lost or why
             lost = [f for futures in self._pending for f in futures]
