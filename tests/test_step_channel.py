@@ -12,7 +12,7 @@ import time
 import pytest
 
 from raypp.runtime import step_channel
-from raypp.runtime.step_channel import _HEADER, StepClient, StepFailed, StepServer, WorkerLost, _frame
+from raypp.runtime.step_channel import StepClient, StepFailed, StepServer, WorkerLost, _frame, _raw_frame
 from raypp.runtime.step import StepInput
 
 
@@ -101,7 +101,7 @@ def test_a_connection_without_the_token_is_turned_away_unread(monkeypatch):
     address = serve(lambda s: s.step_id, token="right")
     with socket.create_connection(address, timeout=10) as silent:     # says nothing: dropped after 0.5 s
         assert closed_by_peer(silent)
-    for stray_bytes in (_frame("right"), _HEADER.pack(5) + b"wrong"):  # a pickle is not the token
+    for stray_bytes in (_frame("right"), _raw_frame(b"wrong")):  # a pickle is not the token
         with socket.create_connection(address, timeout=10) as stray:
             stray.sendall(stray_bytes)
             assert closed_by_peer(stray)

@@ -37,8 +37,13 @@ def use(backend: str | None):
         _forced = before
 
 
+def _cpu_path(device: torch.device) -> bool:
+    """CPU tensors take raypp's CPU path unless another backend is forced."""
+    return device.type == "cpu" and _forced in (None, "cpu")
+
+
 def backend(device: torch.device, attention: bool = False) -> str:
-    if device.type == "cpu" and _forced in (None, "cpu"):
+    if _cpu_path(device):
         return "cpu" if cpu.available() else "torch"
     if _forced and _forced != "cpu":  # "cpu" leaves CUDA tensors their own kernels
         return "triton" if _forced == "flashinfer" and not attention else _forced
@@ -56,20 +61,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if use_gemv and x.dim() == 2 and x.shape[0] == 1 and backend(x.device) == "triton":
         return gemv.gemv(x, weight, bias)
     packed = cpu_linear.packed_of(weight)
-    if packed is not None and _onednn(x.device):
+    # oneDNN ships inside torch: unlike the C++ kernels it needs no compiler.
+    if packed is not None and _cpu_path(x.device):
         return cpu_linear.linear(x, packed, bias)
     return gemv.gemv_ref(x, weight, bias)
-
-
-def _onednn(device: torch.device) -> bool:
-    # oneDNN ships inside torch: no compiler needed, so only RAYPP_KERNELS=torch turns it off.
-    return device.type == "cpu" and _forced in (None, "cpu")
 
 
 def pack_linears(weights: list[torch.Tensor]) -> None:
     """Packs CPU weights for oneDNN (once, after loading), unless the torch path is forced."""
     for w in weights:
-        if _onednn(w.device) and cpu_linear.available(w.dtype):
+        if _cpu_path(w.device) and cpu_linear.available(w.dtype):
             cpu_linear.pack(w)
 
 

@@ -48,9 +48,12 @@ class StepFailure:
     error: str
 
 
-def _frame(obj: Any) -> bytes:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+def _raw_frame(data: bytes) -> bytes:
     return _HEADER.pack(len(data)) + data
+
+
+def _frame(obj: Any) -> bytes:
+    return _raw_frame(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _send(sock: socket.socket, obj: Any) -> None:
@@ -156,7 +159,7 @@ class StepClient:
             for rank, address in enumerate(addresses):
                 conn = _no_delay(socket.create_connection(address, timeout=connect_timeout_s))
                 conn.settimeout(None)
-                conn.sendall(_HEADER.pack(len(token.encode())) + token.encode())
+                conn.sendall(_raw_frame(token.encode()))
                 self._conns.append(conn)
                 self._pending.append(collections.deque())
                 threading.Thread(target=self._read, args=(rank,), name=f"raypp-steps-{rank}", daemon=True).start()
@@ -195,7 +198,7 @@ class StepClient:
             if out is None or isinstance(out, OSError):
                 why = "the connection closed" if out is None else str(out)
                 self.fail(f"worker rank {rank} stopped answering steps ({why}): its process died "
-                                 f"or was killed")
+                          f"or was killed")
                 return
             with self._lock:
                 if not pending:   # failed meanwhile: every future already has its exception
