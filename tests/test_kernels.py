@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import activation, cpu, gemv, paged_attention, rmsnorm, rotary
+from kernels import activation, cpu, fused_gemv, gemv, paged_attention, rmsnorm, rotary
 
 if not kernels.HAS_TRITON:
     pytest.skip("triton is not installed (pip install -e '.[dev]' brings it)", allow_module_level=True)
@@ -86,6 +86,45 @@ def test_gemv(n, k, bias, dtype):
     x, w = rand(1, k, dtype=dtype, seed=13), rand(n, k, dtype=dtype, seed=14)
     b = rand(n, dtype=dtype, seed=15) if bias else None
     assert_close(gemv.gemv(x, w, b), gemv.gemv_ref(x, w, b), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["plain", "residual", "silu", "rope"])
+@pytest.mark.parametrize("norm,bias", [(False, False), (True, True)])
+def test_fused_gemv(mode, norm, bias, dtype):
+    """Each fused batch-1 product (kernels/fused_gemv.py) against the unfused references,
+    with and without its RMSNorm prologue; K not a multiple of the tile."""
+    k = 200
+    x = rand(1, k, dtype=dtype, seed=30)
+    nrm = (rand(k, dtype=dtype, seed=31), 1e-5) if norm else None
+    kw, ref_kw = {}, {}
+    if mode == "plain":
+        n, m = 44, fused_gemv.PLAIN
+        kw = ref_kw = dict(out_dtype=torch.float32)
+    elif mode == "residual":
+        n, m = 44, fused_gemv.RESIDUAL
+        h = rand(1, n, dtype=dtype, seed=32)
+        kw, ref_kw = dict(out=h.clone()), dict(out=h.clone())
+    elif mode == "silu":
+        n, m = 2 * 20 + 6, fused_gemv.SILU  # gate and up halves of 20 rows, then rows no one reads
+        kw = ref_kw = dict(pair_offset=20)
+    else:
+        q_heads, kv_heads, hd = 4, 2, 16
+        n, m = (q_heads + 2 * kv_heads) * hd, fused_gemv.ROPE
+        cos, sin = rope_cos_sin(torch.tensor([37], device=DEVICE), inv_frequencies(hd, 1e4, None).to(DEVICE), dtype)
+        cache = rand(2, 24, kv_heads, hd, dtype=dtype, seed=33)  # random: untouched slots must stay
+        ref_cache = cache.clone()
+        slots = torch.tensor([13], device=DEVICE)
+        kw = dict(rope=(cos, sin, cache[0], cache[1], slots, q_heads, kv_heads, hd))
+        ref_kw = dict(rope=(cos, sin, ref_cache[0], ref_cache[1], slots, q_heads, kv_heads, hd))
+    w = rand(n, k, dtype=dtype, seed=34)
+    b = rand(n, dtype=dtype, seed=35) if bias else None
+    out = fused_gemv.fused_gemv(x, w, m, norm=nrm, bias=b, **kw)
+    ref = fused_gemv.fused_gemv_ref(x, w, m, norm=nrm, bias=b, **ref_kw)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert_close(out, ref, dtype)
+    if mode == "rope":
+        assert_close(cache, ref_cache, dtype)
 
 
 def paged_case(lens, q_heads, kv_heads, head_dim, block_size, dtype, seed):
@@ -173,3 +212,32 @@ def test_model_through_triton_kernels_matches_torch_path(tiny_ckpt, prompts):
         out = run_steps(model, prompts, decode_steps=2)
     for o, r in zip(out, ref):
         assert (o - r).abs().max().item() < 1e-4
+
+
+@torch.inference_mode()
+def test_fused_batch1_decode_matches_model(tiny_ckpt):
+    """raypp/model/fused_decode.py (what the batch-1 CUDA graph runs) gives the logits and
+    the KV cache of Transformer.forward on the Triton kernels, step after step."""
+    from raypp.model import fused_decode
+
+    model = load_model(tiny_ckpt, torch.float32, DEVICE)
+    if DEVICE == "cpu":
+        model.fuse_projections()
+    assert fused_decode.eligible(model)
+    prompt, tables = [8, 1500, 77, 5], [[3, 1]]
+    runs = {}
+    for fused in (False, True):
+        model.allocate_kv_cache(num_blocks=16, block_size=16)
+        with ops.use("triton"):
+            ids = model(torch.tensor(prompt, device=DEVICE), AttentionMetadata.build([4], [4], tables, 16)).argmax(-1)
+            logits = []
+            for n in range(5, 8):
+                meta = AttentionMetadata.build([1], [n], tables, 16).to(DEVICE)
+                out = fused_decode.forward(model, ids, meta) if fused else model(ids, meta)
+                logits.append(out)
+                ids = out.argmax(-1)
+        runs[fused] = logits, model.layers["0"].self_attn.kv_cache.clone()
+    for o, r in zip(runs[True][0], runs[False][0]):
+        assert o.dtype == torch.float32 and o.shape == r.shape
+        assert (o - r).abs().max().item() < 1e-4
+    assert (runs[True][1] - runs[False][1]).abs().max().item() < 1e-5

@@ -11,15 +11,24 @@ a worker's set of them: a decode of n sequences replays the graph of the next bu
 Rows past a step's n sequences (padding), warm-up and capture write their K/V into a scratch
 cache block that no sequence owns, so a graph can be captured while the cache holds live
 sequences.  Capture runs the Triton kernels: the FlashInfer path plans on the host per step,
-which a captured graph would not repeat.
+which a captured graph would not repeat.  The batch-1 graph captures fused_decode.forward
+(six kernels a layer instead of ten, chained by programmatic dependent launch on Hopper)
+when the model allows it.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from raypp.model import ops
+from raypp.model import fused_decode, ops
 from raypp.model.attention import AttentionMetadata
 from raypp.model.graph_batches import graph_batch
+
+# The batch-1 graph runs fused_decode.forward where fused_decode.eligible; PDL None: where
+# the GPU and Triton support it.  Both are switches for benchmarks and tests.
+FUSED_BATCH1 = True
+PDL: bool | None = None
 
 
 class DecodeGraph:
@@ -47,18 +56,21 @@ class DecodeGraph:
             positions=self.index[0], slot_mapping=self.index[1], logits_rows=rows, decode_rows=rows,
             decode_tables=self.tables, decode_lens=self.lens, decode_max_len=max_blocks * block_size,
             decode_pages=(), prefills=[], block_size=block_size)
+        self.fused = batch == 1 and FUSED_BATCH1 and fused_decode.eligible(model)
+        self.pdl = self.fused and (fused_decode.pdl_available(device) if PDL is None else PDL)
+        forward = functools.partial(fused_decode.forward, model, pdl=self.pdl) if self.fused else model
         with ops.use("triton"):
             # Warm-up on a side stream (Triton compiles, allocators settle), as capture requires.
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    model(self.x, meta)
+                    forward(self.x, meta)
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             # thread_local: the NCCL watchdog thread's event queries must not void the capture.
             with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-                self.out = model(self.x, meta)
+                self.out = forward(self.x, meta)
 
     def __call__(self, x: torch.Tensor, seq_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor:
         """One decode step of len(seq_lens) <= batch sequences.  x: their input (token ids [n]
