@@ -10,10 +10,12 @@ weight-bytes roofline.
 2. Kernels (bf16, shapes well past the L2): each Triton kernel and its torch reference,
    median of CUDA-event timings, bandwidth = the fewest bytes the op must move / time.
 3. Decode: a checkpoint made like `raypp make-tiny` (preset `1b`: Llama-3.2-1B's layer
-   shapes, bf16), a PROMPT-token prefill, then STEPS greedy decode steps per batch size,
-   four ways: eager through the torch references, eager through the kernels, the kernels
-   replayed as one CUDA graph per step (raypp.model.cuda_graph), and that graph with every
-   product on cuBLAS instead of kernels/gemv.py (which only batch 1 uses).  Every step reads
+   shapes, bf16), a PROMPT-token prefill, then STEPS greedy decode steps per batch size:
+   eager through the kernels (--eager-torch: the references too), and replayed as one CUDA
+   graph per step (raypp.model.cuda_graph) as the worker captures it; at batch 1 also with
+   the fused products' default tiles, without dependent launches, unfused, and on cuBLAS
+   (`modes`).  Before it the fused products are tuned (gpu_batch1.tune_fused); after it,
+   the bf16 graph-vs-eager check (gpu_batch1.graph_vs_eager).  Every step reads
    the sampled ids back; an eager step builds its metadata on the host, a graph step copies
    in only its indices, as the engine's worker does.
    Roofline tokens/s = batch x copy bandwidth / (weight bytes + KV bytes read per step).
@@ -44,6 +46,8 @@ from kernels import activation, gemv, paged_attention, rmsnorm, rotary  # noqa: 
 from raypp.model import ops  # noqa: E402
 from raypp.model.attention import AttentionMetadata  # noqa: E402
 from raypp.model.rope import inv_frequencies, rope_cos_sin  # noqa: E402
+from benchmarks import gpu_batch1  # noqa: E402
+from benchmarks.gpu_batch1 import kernel_profile  # noqa: E402
 
 TARGETS = {"kernel_hbm_fraction": 0.8, "batch1_roofline_fraction": 0.7}  # from the issue
 
@@ -163,6 +167,8 @@ def load(path: str, dtype: torch.dtype, device: str, num_blocks: int, block_size
     with torch.device("meta"):
         model = Transformer(cfg)
     load_weights(model, path, dtype, device)
+    if device == "cpu":  # --dry-run: the fused products a CUDA load makes, so the fused path runs
+        model.fuse_projections()
     model.allocate_kv_cache(num_blocks, block_size)
     return model
 
@@ -177,10 +183,22 @@ def decode_run(model, mode: str, batch: int, prompt: int, steps: int, block_size
     tables = [[b * blocks + j for j in range(blocks)] for b in range(batch)]
     vocab = model.lm_head.weight.shape[0]
     ids = torch.randint(3, vocab, (batch * prompt,), generator=torch.Generator().manual_seed(0)).to(device)
+    from raypp.model import cuda_graph
+    from kernels import fused_gemv
+
     ops.use_gemv = mode != "graph-cublas"
+    cuda_graph.FUSED_BATCH1 = mode not in ("graph-unfused", "graph-cublas")
+    cuda_graph.PDL = False if mode == "graph-nopdl" else None
+    tuned = dict(fused_gemv.TUNED)
+    if mode == "graph-untuned":
+        fused_gemv.TUNED.clear()
     with ops.use("torch" if mode == "eager-torch" else "triton"):
         # The cache's last block is the graph's scratch block, which no sequence uses.
-        graph = DecodeGraph(model, batch, blocks, block_size, scratch_block) if mode.startswith("graph") else None
+        try:
+            graph = DecodeGraph(model, batch, blocks, block_size, scratch_block) if mode.startswith("graph") else None
+        finally:
+            cuda_graph.FUSED_BATCH1, cuda_graph.PDL = True, None
+            fused_gemv.TUNED.update(tuned)
         meta = AttentionMetadata.build([prompt] * batch, [prompt] * batch, tables, block_size)
         next_ids = model(ids, meta).argmax(-1)
         out = []
@@ -213,31 +231,18 @@ def decode_run(model, mode: str, batch: int, prompt: int, steps: int, block_size
     row = dict(mode=mode, batch=batch, steps=steps, step_ms=elapsed / steps * 1e3,
                tokens_per_s=batch * steps / elapsed, first_ids=[r[0] for r in out[:8]])
     if graph:  # the device's time for one step, without the host's part
-        row["replay_ms"] = timer(graph.graph.replay, device, 3, 20, calls=0) * 1e3
-        row["replay_kernels"] = kernel_profile(graph.graph.replay)
+        row.update(fused=graph.fused, pdl=graph.pdl)
+        if device == "cuda":
+            row["replay_ms"] = timer(graph.graph.replay, device, 3, 20, calls=0) * 1e3
+            kernels_ = kernel_profile(graph.graph.replay)
+            row.update(replay_kernels=kernels_[:16], replay_kernel_us=sum(k["us"] for k in kernels_),
+                       replay_launches=sum(k["calls"] for k in kernels_))
     ops.use_gemv = True
     return row
 
 
-def kernel_profile(fn, top: int = 12) -> list[dict]:
-    """Device time per kernel name over one call of fn (CUPTI sees the kernels inside a graph)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    try:  # a profiler that cannot attach here must not cost the measurements above
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-    except RuntimeError as e:
-        return [dict(kernel=f"profiler failed: {e}"[:80], calls=0, us=0.0)]
-    rows = [dict(kernel=e.key[:80], calls=e.count, us=e.self_device_time_total) for e in prof.key_averages()
-            if e.self_device_time_total > 0]
-    return sorted(rows, key=lambda r: -r["us"])[:top]
-
-
 def decode_bench(path: Path, batches: list[int], prompt: int, steps: int, device: str, dtype: torch.dtype,
-                 ceiling: float) -> tuple[dict, list[dict]]:
+                 ceiling: float, eager_torch: bool) -> tuple[dict, list[dict], object]:
     block_size = 16
     blocks_per_seq = (prompt + steps + block_size) // block_size
     cache_blocks = max(batches) * blocks_per_seq + 1  # + the graphs' scratch block
@@ -248,18 +253,34 @@ def decode_bench(path: Path, batches: list[int], prompt: int, steps: int, device
     weight_bytes = (params - model.embed_tokens.weight.numel()) * dtype.itemsize
     info = dict(preset=path.name, params=params, weight_bytes=weight_bytes,
                 prompt=prompt, steps=steps, layers=cfg.num_layers, hidden=cfg.hidden_size)
-    modes = ["eager-torch", "eager-triton"] + (["graph", "graph-cublas"] if device == "cuda" else [])
     rows = []
     for batch in batches:
         mean_ctx = prompt + (steps + 1) / 2
         kv_bytes = 2 * batch * mean_ctx * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
         roofline = batch * ceiling / (weight_bytes + kv_bytes)
-        for mode in modes:
-            r = decode_run(model, mode, batch, prompt, steps, block_size, cache_blocks - 1, device)
+        for mode in modes(batch, device, eager_torch):
+            try:
+                r = decode_run(model, mode, batch, prompt, steps, block_size, cache_blocks - 1, device)
+            except Exception as e:  # one mode failing must not cost the others' numbers
+                print(f"decode batch {batch} {mode} failed: {type(e).__name__}: {e}")
+                rows.append(dict(mode=mode, batch=batch, error=f"{type(e).__name__}: {e}"[:300]))
+                continue
+            finally:
+                model.allocate_kv_cache(cache_blocks, block_size)  # fresh cache per run
             r.update(roofline_tokens_per_s=roofline, frac_of_roofline=r["tokens_per_s"] / roofline)
             rows.append(r)
-            model.allocate_kv_cache(cache_blocks, block_size)  # fresh cache per run
-    return info, rows
+    return info, rows, model
+
+
+def modes(batch: int, device: str, eager_torch: bool) -> list[str]:
+    """graph: as the worker captures it (at batch 1 the fused forward, PDL where supported,
+    tiles from --tune); graph-untuned: default tiles; graph-nopdl: no dependent launches;
+    graph-unfused: Transformer.forward, one kernel per op; graph-cublas: that on cuBLAS."""
+    eager = (["eager-torch"] if eager_torch else []) + ["eager-triton"]
+    if device != "cuda":  # --dry-run: a DecodeGraph runs its forward eagerly; the interpreter is slow
+        return eager + ["graph", "graph-unfused"] if batch == 1 else eager
+    graphs = ["graph", "graph-untuned", "graph-nopdl", "graph-unfused", "graph-cublas"] if batch == 1 else ["graph"]
+    return eager + graphs
 
 
 def engine_bench(path: Path, batches: list[int], prompt: int, steps: int, device: str) -> dict:
@@ -320,7 +341,11 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes")
+    p.add_argument("--check-batches", default="1,8,32", help="batches of the bf16 graph-vs-eager check")
+    p.add_argument("--check-steps", type=int, default=32)
     p.add_argument("--skip-kernels", action="store_true")
+    p.add_argument("--no-tune", action="store_true", help="keep the fused products' default tiles")
+    p.add_argument("--eager-torch", action="store_true", help="also decode eagerly on the torch references")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_decode.json"))
     args = p.parse_args(argv)
     device = "cpu" if args.dry_run else "cuda"
@@ -332,14 +357,28 @@ def main(argv=None) -> int:
     result = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
                   torch=torch.__version__, triton=__import__("triton").__version__,
                   flashinfer=ops.HAS_FLASHINFER, dtype=str(dtype), targets=TARGETS)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every phase: a run cut short still leaves what it measured
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
     ceiling = copy_bandwidth(device, (1 << 20) if args.dry_run else (2 << 30), 3 if args.dry_run else 20)
     result["copy_gbps"] = ceiling / 1e9
     if not args.skip_kernels:
         result["kernels"] = bench_kernels(device, dtype, args.dry_run, ceiling)
+        save()
+    from raypp.model.fused_decode import pdl_available
+
+    if not args.no_tune:
+        result["fused_tuning"] = gpu_batch1.tune_fused(device, dtype, args.dry_run, ceiling, timer,
+                                                       pdl_available(torch.device(device)))
+        save()
     preset = "tiny" if args.dry_run else args.preset
     batches, engine_batches = ([1, 2], [1, 2]) if args.dry_run else (
         [int(b) for b in args.batches.split(",")], [int(b) for b in args.engine_batches.split(",")])
-    prompt, steps = (8, 4) if args.dry_run else (args.prompt, args.steps)
+    check_batches = [1, 2] if args.dry_run else [int(b) for b in args.check_batches.split(",")]
+    prompt, steps = (8, 2) if args.dry_run else (args.prompt, args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         from raypp.model.tiny import make_checkpoint
 
@@ -347,31 +386,22 @@ def main(argv=None) -> int:
         path = make_checkpoint(Path(tmp) / preset, preset=preset, seed=0,
                                dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
         made_s = time.perf_counter() - t
-        result["model"], result["decode"] = decode_bench(path, batches, prompt, steps, device, dtype, ceiling)
+        result["model"], result["decode"], model = decode_bench(path, batches, prompt, steps, device, dtype, ceiling,
+                                                                args.eager_torch)
         result["model"]["checkpoint_made_s"] = made_s
+        save()
+        try:
+            result["graph_vs_eager"] = gpu_batch1.graph_vs_eager(model, check_batches, prompt,
+                                                                 2 if args.dry_run else args.check_steps, device)
+        except Exception as e:
+            print(f"graph_vs_eager failed: {type(e).__name__}: {e}")
+            result["graph_vs_eager"] = [dict(error=f"{type(e).__name__}: {e}"[:300])]
+        del model
+        save()
         result["engine"] = engine_bench(path, engine_batches, prompt, steps, device)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        save()
 
-    print(f"\n{result['device']}: copy {result['copy_gbps']:.0f} GB/s (read + write)")
-    for r in result.get("kernels", []):
-        print(f"{r['kernel']:24s} {r['shape']:34s} triton {r['triton_us']:9.1f} us {r['triton_gbps']:7.0f} GB/s "
-              f"({r['triton_frac_of_copy']:.0%} of copy)  torch {r['torch_us']:9.1f} us  x{r['speedup']:.2f}")
-    m = result["model"]
-    print(f"model {m['preset']}: {m['params'] / 1e9:.3f} B params, {m['weight_bytes'] / 1e9:.2f} GB read per step")
-    for r in result["decode"]:
-        print(f"decode batch {r['batch']:3d} {r['mode']:13s} {r['step_ms']:7.3f} ms/step {r['tokens_per_s']:9.1f} tok/s"
-              f"  roofline {r['roofline_tokens_per_s']:9.1f}  ({r['frac_of_roofline']:.0%})"
-              + (f"  replay alone {r['replay_ms']:.3f} ms" if "replay_ms" in r else ""))
-    print(f"engine (StageWorker.execute), graphs captured at {result['engine']['graphs_captured']}:")
-    for r in result["engine"]["rows"]:
-        print(f"  batch {r['batch']:3d}: eager {r['eager_step_ms']:7.3f} ms/step, "
-              f"graphs {r['graph_step_ms']:7.3f} ms/step ({r['graph_tokens_per_s']:8.1f} tok/s)  x{r['speedup']:.2f}  same tokens: {r['same_tokens']}")
-    for r in result["decode"]:
-        if r["mode"].startswith("graph") and r["batch"] == 1:
-            print(f"batch-1 {r['mode']} replay, device time by kernel:")
-            for k in r["replay_kernels"]:
-                print(f"  {k['us']:8.1f} us  {k['calls']:4d} x  {k['kernel']}")
+    gpu_batch1.report(result)
     return 0
 
 

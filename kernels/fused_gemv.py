@@ -149,8 +149,8 @@ def _fused_gemv_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, y_ptr, kc_ptr, vc_ptr, cos_p
 def _default_config(mode: int, units: int, k: int, device: torch.device, rope_half: int = 0):
     """units: output rows per row set (n / 2, or pair_offset for SILU).  HALF gives about two
     programs per multiprocessor; a program's tile holds 4096 weights in flight."""
-    if device.type != "cuda":
-        half = 2
+    if device.type != "cuda":  # the interpreter pays per program: few, large ones
+        half = 16
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         half = max(2, min(16, triton.next_power_of_2(units // (2 * sms) + 1) // 2))

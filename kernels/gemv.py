@@ -39,8 +39,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, n, k, stride_w, HAS_BIAS: tl.conste
 
 
 def _block_n(n: int, device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
+    if device.type != "cuda":  # the interpreter pays per program: few, large ones
+        return 32
     per_program = n // (2 * torch.cuda.get_device_properties(device).multi_processor_count)
     return max(4, min(32, triton.next_power_of_2(per_program + 1) // 2))
 

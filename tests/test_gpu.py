@@ -248,3 +248,64 @@ def test_pipeline_stage_graphs_match_eager(small_ckpt, dtype):
             assert rel(replayed, eager) < {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
         ids = eager.argmax(-1)
     assert [sorted(g.graphs) for _, g in stages] == [[4], [4]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_gemv_matches_reference_at_1b_shapes(dtype):
+    """kernels/fused_gemv.py at the 1b preset's batch-1 shapes, as the batch-1 graph launches
+    them (programmatic dependent launch where available), against the unfused references."""
+    from kernels import fused_gemv as fg
+    from raypp.model.fused_decode import pdl_available
+
+    pdl = pdl_available(torch.device("cuda"))
+    h, nw = randn(1, 2048, dtype=dtype), randn(2048, dtype=dtype)
+    cos, sin = rope_cos_sin(torch.tensor([777], device="cuda"), inv_frequencies(64, 5e5, None).cuda(), dtype)
+    cache = randn(2, 64, 8, 64, dtype=dtype)
+    ref_cache = cache.clone()
+    slots = torch.tensor([41], device="cuda")
+    w = randn(3072, 2048, dtype=dtype)
+    out = fg.fused_gemv(h, w, fg.ROPE, norm=(nw, 1e-5), pdl=pdl, rope=(cos, sin, cache[0], cache[1], slots, 32, 8, 64))
+    ref = fg.fused_gemv_ref(h, w, fg.ROPE, norm=(nw, 1e-5), rope=(cos, sin, ref_cache[0], ref_cache[1], slots, 32, 8, 64))
+    assert rel(out, ref) < TOL[dtype] and rel(cache, ref_cache) < TOL[dtype]
+    w = randn(16384, 2048, dtype=dtype)
+    out = fg.fused_gemv(h, w, fg.SILU, norm=(nw, 1e-5), pair_offset=8192, pdl=pdl)
+    assert rel(out, fg.fused_gemv_ref(h, w, fg.SILU, norm=(nw, 1e-5), pair_offset=8192)) < TOL[dtype]
+    for n, k in ((2048, 2048), (2048, 8192)):
+        x, w, res = randn(1, k, dtype=dtype), randn(n, k, dtype=dtype), randn(1, n, dtype=dtype)
+        out = fg.fused_gemv(x, w, fg.RESIDUAL, out=res.clone(), pdl=pdl)
+        assert rel(out, fg.fused_gemv_ref(x, w, fg.RESIDUAL, out=res.clone())) < TOL[dtype]
+    w = randn(4096, 2048, dtype=dtype)
+    out = fg.fused_gemv(h, w, fg.PLAIN, norm=(nw, 1e-5), out_dtype=torch.float32, pdl=pdl)
+    assert out.dtype == torch.float32
+    assert rel(out, fg.fused_gemv_ref(h, w, fg.PLAIN, norm=(nw, 1e-5), out_dtype=torch.float32)) < TOL[dtype]
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decode_graph_replays_its_eager_step_bitwise_in_bf16(small_ckpt, batch):
+    """Why bf16 tokens with graphs differ from eager ones: rounding, not stale inputs.  A
+    replay equals, bit for bit, the eager step of the same forward given the graph's context
+    bound (`eager_meta`: where attention splits the context); so every index the step copies
+    in reaches the graph.  Against the eager step with its own splits (what the worker runs
+    without graphs) the logits differ only by bf16 rounding.  Batch 1 is the fused forward
+    (fused_decode.py), batch 4 Transformer.forward on cuBLAS."""
+    from raypp.model.cuda_graph import DecodeGraph
+    from raypp.model.fused_decode import pdl_available
+
+    model = _worker(small_ckpt, cuda_graph_max_batch=0).model
+    assert next(model.parameters()).dtype == torch.bfloat16
+    model.allocate_kv_cache(65, 16)
+    graph = DecodeGraph(model, batch, max_blocks=8, block_size=16, scratch_block=64)
+    assert graph.fused == (batch == 1) and graph.pdl == (batch == 1 and pdl_available(torch.device("cuda")))
+    prompts = random_prompts(4096, [9 + 7 * i for i in range(batch)])
+    lens = [len(p) for p in prompts]
+    tables = [[i * 8 + j for j in range(8)] for i in range(batch)]
+    ids = model(torch.tensor(sum(prompts, []), device="cuda"), AttentionMetadata.build(lens, lens, tables, 16)).argmax(-1)
+    for _ in range(12):  # across a block boundary for the shortest prompt
+        lens = [n + 1 for n in lens]
+        replayed = graph(ids, lens, tables).clone()
+        same_split = graph.forward(ids, graph.eager_meta(lens, tables, "cuda"))
+        assert torch.equal(replayed, same_split)
+        own = model(ids, AttentionMetadata.build([1] * batch, lens, tables, 16).to("cuda"))
+        assert rel(replayed, own) < 2e-2  # a few bf16 roundings (2^-8) apart, not a wrong step
+        ids = own.argmax(-1)

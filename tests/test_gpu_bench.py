@@ -27,14 +27,23 @@ def test_gpu_decode_dry_run(tmp_path):
         "rms_norm", "add_rms_norm", "silu_and_mul", "rope_and_cache", "gemv", "paged_decode_attention"}
     assert all(r["triton_gbps"] > 0 and r["torch_gbps"] > 0 for r in result["kernels"])
     assert [(r["batch"], r["mode"]) for r in result["decode"]] == [
-        (1, "eager-torch"), (1, "eager-triton"), (2, "eager-torch"), (2, "eager-triton")]
+        (1, "eager-triton"), (1, "graph"), (1, "graph-unfused"), (2, "eager-triton")]
     for r in result["decode"]:
         assert r["tokens_per_s"] > 0 and 0 < r["frac_of_roofline"]
-    # fp32 on the CPU: the kernels and the references pick the same greedy tokens.
+    # On the CPU a DecodeGraph runs its forward eagerly: batch 1 the fused one (fused_decode.py).
+    assert [r.get("fused") for r in result["decode"]] == [None, True, False, None]
+    # fp32 on the CPU: every way of running the model picks the same greedy tokens.
     by_batch = {}
     for r in result["decode"]:
         by_batch.setdefault(r["batch"], []).append(r["first_ids"])
-    assert all(a == b for a, b in by_batch.values())
+    assert all(a == b for ids in by_batch.values() for a, b in zip(ids, ids[1:]))
+    # Each fused product tuned; the graph-vs-eager check ran its replays against both eager steps.
+    assert [r["product"] for r in result["fused_tuning"]] == ["qkv", "o", "gate_up", "lm_head"]
+    assert all(r["best_us"] <= r["default_us"] for r in result["fused_tuning"])
+    check = result["graph_vs_eager"]
+    assert [(r["batch"], r["fused"]) for r in check] == [(1, True), (2, False)]
+    assert all(r["replay_equals_eager_with_graph_splits"] and r["max_rel_logit_diff_vs_eager"] < 1e-4
+               for r in check)
     # The engine path: StageWorker with graphs off and on (on the CPU both run eagerly).
     engine = result["engine"]
     assert [r["batch"] for r in engine["rows"]] == [1, 2] and engine["graphs_captured"] == []

@@ -17,6 +17,7 @@ when the model allows it.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -52,25 +53,44 @@ class DecodeGraph:
         self.tables = torch.full((batch, max_blocks), scratch_block, dtype=torch.int32, device=device)
         rows = torch.arange(batch, device=device)
         # Kept: the graph reads every tensor of it (logits_rows too) at the addresses of capture.
-        self.meta = meta = AttentionMetadata(
+        self.meta = AttentionMetadata(
             positions=self.index[0], slot_mapping=self.index[1], logits_rows=rows, decode_rows=rows,
             decode_tables=self.tables, decode_lens=self.lens, decode_max_len=max_blocks * block_size,
             decode_pages=(), prefills=[], block_size=block_size)
         self.fused = batch == 1 and FUSED_BATCH1 and fused_decode.eligible(model)
         self.pdl = self.fused and (fused_decode.pdl_available(device) if PDL is None else PDL)
-        forward = functools.partial(fused_decode.forward, model, pdl=self.pdl) if self.fused else model
+        self.max_blocks = max_blocks
+        self.graph = None
         with ops.use("triton"):
-            # Warm-up on a side stream (Triton compiles, allocators settle), as capture requires.
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    forward(self.x, meta)
-            torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            # thread_local: the NCCL watchdog thread's event queries must not void the capture.
-            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-                self.out = forward(self.x, meta)
+            if device.type != "cuda":  # no graphs: steps run eagerly on the same buffers (CPU tests, dry runs)
+                self.forward = self._forward(model)
+                return
+            try:
+                self._capture(model, pool)
+            except Exception:
+                if not self.pdl:
+                    raise
+                # A driver or Triton without dependent launches: the same kernels, launched plainly.
+                self.pdl = False
+                self._capture(model, pool)
+
+    def _forward(self, model):
+        return functools.partial(fused_decode.forward, model, pdl=self.pdl) if self.fused else model
+
+    def _capture(self, model, pool) -> None:
+        device = self.x.device
+        self.forward = forward = self._forward(model)
+        # Warm-up on a side stream (Triton compiles, allocators settle), as capture requires.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                forward(self.x, self.meta)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: the NCCL watchdog thread's event queries must not void the capture.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+            self.out = forward(self.x, self.meta)
 
     def __call__(self, x: torch.Tensor, seq_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor:
         """One decode step of len(seq_lens) <= batch sequences.  x: their input (token ids [n]
@@ -83,14 +103,32 @@ class DecodeGraph:
         width = (max(seq_lens) + bs - 1) // bs  # the kernel reads no column past a row's length
         filler = [self.scratch_block] * width
         tables = [(t[:width] + filler)[:width] for t in block_tables] + [filler] * pad
-        index = torch.tensor([positions + [0] * pad, slots + [self.scratch_block * bs] * pad], pin_memory=True)
-        lens = torch.tensor(seq_lens + [1] * pad, dtype=torch.int32, pin_memory=True)
+        pin = self.graph is not None
+        index = torch.tensor([positions + [0] * pad, slots + [self.scratch_block * bs] * pad], pin_memory=pin)
+        lens = torch.tensor(seq_lens + [1] * pad, dtype=torch.int32, pin_memory=pin)
         self.index.copy_(index, non_blocking=True)
         self.lens.copy_(lens, non_blocking=True)
-        self.tables[:, :width].copy_(torch.tensor(tables, dtype=torch.int32, pin_memory=True), non_blocking=True)
+        self.tables[:, :width].copy_(torch.tensor(tables, dtype=torch.int32, pin_memory=pin), non_blocking=True)
         self.x[:n].copy_(x)  # padding rows keep earlier inputs: finite, and their outputs are dropped
-        self.graph.replay()
+        if self.graph is None:
+            with ops.use("triton"):
+                self.out = self.forward(self.x, self.meta)
+        else:
+            self.graph.replay()
         return self.out[:n]
+
+    def eager_meta(self, seq_lens: list[int], block_tables: list[list[int]], device) -> AttentionMetadata:
+        """The metadata of an eager step of exactly what a replay computes: the graph's batch,
+        and its context bound (max_blocks), which sets where attention splits the context.
+        `self.forward(x, eager_meta(...))` must equal a replay bit for bit (the tests' check
+        that no stale input of the graph leaks into a step)."""
+        pad = self.batch - len(seq_lens)
+        lens = list(seq_lens) + [1] * pad
+        tables = [list(t[:self.max_blocks]) for t in block_tables] + [[self.scratch_block]] * pad
+        meta = AttentionMetadata.build([1] * self.batch, lens, tables, self.block_size)
+        wide = torch.zeros(self.batch, self.max_blocks, dtype=torch.int32)
+        wide[:, :meta.decode_tables.shape[1]] = meta.decode_tables
+        return dataclasses.replace(meta, decode_tables=wide, decode_max_len=self.max_blocks * self.block_size).to(device)
 
 
 class DecodeGraphs:
