@@ -199,6 +199,23 @@ def test_packed_linear_equals_f_linear(dtype, rows, out_features, in_features, b
     assert_close(cpu_linear.linear(x, cpu_linear.packed_of(w), b), torch.nn.functional.linear(x, w, b), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_swiglu_products_equal_their_reference(dtype, rows):
+    """SiLU and the product as oneDNN post-ops == silu_and_mul of two plain products."""
+    from kernels import cpu_linear
+    if not cpu_linear.available(dtype):
+        pytest.skip(f"this torch build cannot pack {dtype} weights for oneDNN")
+    x = rand(rows, 96, dtype=dtype, seed=35) * 4  # * 4: SiLU's tails on both sides
+    gate, up = rand(160, 96, dtype=dtype, seed=36), rand(160, 96, dtype=dtype, seed=37)
+    ref = activation.silu_and_mul_ref(torch.nn.functional.linear(x, gate), torch.nn.functional.linear(x, up))
+    cpu_linear.pack(gate)
+    cpu_linear.pack(up)
+    assert_close(ops.swiglu(x, gate, up), ref, dtype)
+    with ops.use("torch"):  # the reference route of the same call
+        assert_close(ops.swiglu(x, gate, up), ref, dtype)
+
+
 def test_loaded_cpu_weights_are_packed_and_the_torch_path_ignores_them(tiny_ckpt):
     from kernels import cpu_linear
     from raypp.model.checkpoint import load_weights

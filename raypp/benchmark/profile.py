@@ -3,8 +3,11 @@ torch.profiler: where a step's time goes."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 import time
+
+from raypp.runtime.step import PLACEHOLDER
 
 
 class StepRecorder:
@@ -17,7 +20,7 @@ class StepRecorder:
         self._orig = engine.executor.submit
 
         def submit(step):
-            self.steps.append(copy.deepcopy(step))
+            self.steps.append(replayable(step))
             return self._orig(step)
 
         engine.executor.submit = submit
@@ -27,6 +30,14 @@ class StepRecorder:
 
     def decode_steps(self, batch: int) -> list:
         return [s for s in self.steps if len(s.query_lens) == batch and all(q == 1 for q in s.query_lens)]
+
+
+def replayable(step):
+    """A copy of `step` that a worker can run again, any time: a placeholder's token comes from a
+    step long gone (its ids already consumed), so the copy feeds token 0 in its place; what a
+    step costs does not depend on which ids it embeds."""
+    ids = [0 if t == PLACEHOLDER else t for t in step.token_ids]
+    return dataclasses.replace(copy.deepcopy(step), token_ids=ids, placeholders=[])
 
 
 def profile_step(worker, step, iters: int = 20, row_limit: int = 15) -> dict:

@@ -91,8 +91,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.gate_up is None:
-            gate, up = ops.linear(x, self.gate_proj.weight), ops.linear(x, self.up_proj.weight)
-            return ops.linear(ops.silu_and_mul(gate, up), self.down_proj.weight)
+            return ops.linear(ops.swiglu(x, self.gate_proj.weight, self.up_proj.weight), self.down_proj.weight)
         weight, _, sizes = self.gate_up
         gate, up = ops.linear(x, weight).split(sizes, dim=-1)
         return ops.linear(ops.silu_and_mul(gate, up), self.down_proj.weight)
@@ -129,6 +128,9 @@ class Transformer(nn.Module):
         # A plain attribute, not a buffer: it is not in checkpoints and must stay
         # real even when the module is built on the meta device.
         self.inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        # Set by tensor parallelism (raypp/parallel/tp.py) when lm_head holds a slice of the
+        # vocabulary: turns this rank's logits into the whole rows.
+        self.gather_vocab = None
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> int:
         """Give every owned layer a zeroed cache; returns the bytes allocated."""
@@ -173,4 +175,7 @@ class Transformer(nn.Module):
             h = h + delta
         if self.lm_head is None:
             return h
-        return ops.linear(self.norm(h[meta.logits_rows]), self.lm_head.weight).float()
+        logits = ops.linear(self.norm(h[meta.logits_rows]), self.lm_head.weight)
+        if self.gather_vocab is not None:
+            logits = self.gather_vocab(logits)
+        return logits.float()

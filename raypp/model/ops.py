@@ -67,6 +67,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return gemv.gemv_ref(x, weight, bias)
 
 
+def swiglu(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T), the MLP's input to its down projection."""
+    gate, up = cpu_linear.packed_of(gate_weight), cpu_linear.packed_of(up_weight)
+    if gate is not None and up is not None and _cpu_path(x.device):
+        return cpu_linear.swiglu(x, gate, up)
+    return silu_and_mul(linear(x, gate_weight), linear(x, up_weight))
+
+
 def pack_linears(weights: list[torch.Tensor]) -> None:
     """Packs CPU weights for oneDNN (once, after loading), unless the torch path is forced."""
     for w in weights:
