@@ -94,14 +94,22 @@ def tune_fused(device: str, dtype: torch.dtype, dry: bool, ceiling: float, timer
 
 @torch.inference_mode()
 def graph_vs_eager(model, batches: list[int], prompt: int, steps: int, device: str) -> list[dict]:
+    """Graphs bounded like the worker's (StageWorker: the model's whole context, at most the
+    cache), so that attention splits the context as it does in serving."""
+    from kernels.paged_attention import num_splits
     from raypp.model.cuda_graph import DecodeGraph
 
     bs = 16
     rows = []
     for batch in batches:
         blocks = (prompt + steps + bs) // bs
+        max_blocks = -(-model.cfg.max_position_embeddings // bs)
         model.allocate_kv_cache(batch * blocks + 1, bs)
-        graph = DecodeGraph(model, batch, blocks, bs, scratch_block=batch * blocks)
+        graph = DecodeGraph(model, batch, max_blocks, bs, scratch_block=batch * blocks)
+        kv_heads = model.cfg.num_kv_heads
+        splits = dict(graph=num_splits(batch, kv_heads, max_blocks * bs, 64, torch.device(device)),
+                      eager_first=num_splits(batch, kv_heads, prompt + 1, 64, torch.device(device)),
+                      eager_last=num_splits(batch, kv_heads, prompt + steps, 64, torch.device(device)))
         tables = [[b * blocks + j for j in range(blocks)] for b in range(batch)]
         vocab = model.lm_head.weight.shape[0]
         ids = torch.randint(3, vocab, (batch * prompt,), generator=torch.Generator().manual_seed(batch)).to(device)
@@ -125,12 +133,48 @@ def graph_vs_eager(model, batches: list[int], prompt: int, steps: int, device: s
                 flips.append(dict(step=k, row=row, eager_margin=(top2[0] - top2[1]).item(),
                                   graph_gap=(replayed[row, g_ids[row]] - replayed[row, e_ids[row]]).item()))
             ids = e_ids
-        rows.append(dict(batch=batch, steps=steps, fused=graph.fused, pdl=graph.pdl,
+        rows.append(dict(batch=batch, steps=steps, fused=graph.fused, pdl=graph.pdl, graph_max_len=max_blocks * bs,
+                         attention_splits=splits,
                          replay_equals_eager_with_graph_splits=bitwise, max_rel_logit_diff_vs_eager=worst_rel,
                          max_abs_logit_diff_over_max_logit=worst_abs, argmax_flips=len(flips),
                          tokens=batch * steps, flips=flips[:10]))
         del graph
     return rows
+
+
+def check_main(argv=None) -> int:
+    """Only the graph-vs-eager check, on a fresh bf16 checkpoint (a device run of its own)."""
+    import argparse
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from raypp.model.tiny import make_checkpoint
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="1b")
+    p.add_argument("--batches", default="1,8,32,64")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    device, dtype = ("cpu", "float32") if args.dry_run else ("cuda", args.dtype)
+    batches = [1, 2] if args.dry_run else [int(b) for b in args.batches.split(",")]
+    prompt, steps = (8, 2) if args.dry_run else (args.prompt, args.steps)
+    from gpu_decode import load
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_checkpoint(Path(tmp) / args.preset, preset="tiny" if args.dry_run else args.preset, seed=0,
+                               dtype=dtype)
+        model = load(str(path), getattr(torch, dtype), device, 1, 16)
+        rows = graph_vs_eager(model, batches, prompt, steps, device)
+    Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                                              dtype=dtype, prompt=prompt, rows=rows), indent=2) + "\n")
+    for r in rows:
+        print({k: v for k, v in r.items() if k != "flips"}, r["flips"][:3])
+    return 0
 
 
 def kernel_profile(fn) -> list[dict]:
@@ -182,3 +226,11 @@ def report(result: dict) -> None:
             print(f"batch-1 {r['mode']} replay, device time by kernel:")
             for k in r["replay_kernels"]:
                 print(f"  {k['us']:8.1f} us  {k['calls']:4d} x  {k['kernel']}")
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+    sys.exit(check_main())
