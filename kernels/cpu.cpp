@@ -59,18 +59,20 @@ inline void axpy(float* acc, float p, const T* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += p * static_cast<float>(x[i]);
 }
 
-// Row t of q attends to the first ctx[t] tokens of sequence seq[t].  A work item is a row and
-// a range of its kv heads (the whole row unless rows are fewer than threads): each context
+// Decode rows: row[i] of q attends to the first ctx[i] tokens of sequence seq[i].  This walk
+// is bound by memory, not arithmetic: each K/V row is read once, for one query.  A work item
+// is a row and a range of its kv heads (the whole row unless rows are fewer than threads): each context
 // token's K (then V) for those heads is one contiguous run of memory, and a cache block's
 // tokens are adjacent slots, so the walk streams through each block instead of striding
 // across heads.  Every query head of a kv head's group (GQA) uses its K/V row while it is in
 // L1.  The scores are kept whole (heads x ctx floats), so the softmax is an exact two-pass
 // one, not an online rescaling.
 template <typename T>
-void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-               const at::Tensor& tables, const std::vector<int64_t>& seq, const std::vector<int64_t>& ctx,
-               int64_t block_size, double scale) {
-  const int64_t rows = q.size(0), q_heads = q.size(1), dim = q.size(2), kv_heads = k.size(1);
+void decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                      const at::Tensor& tables, const std::vector<int64_t>& row, const std::vector<int64_t>& seq,
+                      const std::vector<int64_t>& ctx, int64_t block_size, double scale) {
+  const int64_t rows = static_cast<int64_t>(row.size()), q_heads = q.size(1), dim = q.size(2), kv_heads = k.size(1);
+  if (rows == 0) return;
   const int64_t group = q_heads / kv_heads;
   const int64_t parts = std::clamp<int64_t>((2 * at::get_num_threads() + rows - 1) / std::max<int64_t>(rows, 1),
                                             1, kv_heads);
@@ -83,9 +85,9 @@ void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   at::parallel_for(0, rows * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(q_heads * dim), acc(q_heads * dim), inv(q_heads), scores;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t t = item / parts, part = item % parts, n = ctx[t];
+      const int64_t i = item / parts, t = row[i], part = item % parts, n = ctx[i];
       const int64_t h0 = part * kv_heads / parts, h1 = (part + 1) * kv_heads / parts, nh = (h1 - h0) * group;
-      const int32_t* table = tp + seq[t] * ts0;
+      const int32_t* table = tp + seq[i] * ts0;
       scores.resize(nh * n);
       for (int64_t h = 0; h < nh; ++h) {
         const T* qrow = qp + t * qs0 + (h0 * group + h) * qs1;
@@ -128,6 +130,136 @@ void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   });
 }
 
+// A prefill chunk: q rows [row0, row0 + rows) are sequence seq's last `rows` tokens of ctx.
+struct Chunk {
+  int64_t seq, row0, rows, ctx;
+};
+
+constexpr int64_t kKeyTile = 16;    // keys per transposed K tile: one 512-bit vector of scores
+constexpr int64_t kQueryTile = 16;  // chunk rows per work item, every one reusing each K tile
+
+// Prefill chunks are bound by arithmetic: every K/V row meets every later query of its
+// sequence.  A work item is one kv head of a chunk (or of a range of its rows, when items would
+// be fewer than twice the threads).  Its keys are transposed once, in tiles of 16 ([D][16]
+// floats), so that a query's 16 scores are D vector multiply-adds with no horizontal sum, four
+// queries at a time (independent accumulators hide the FMA latency); then each V row is read
+// once per tile of 16 rows and added into every query of the tile that sees it.  Row i of a
+// chunk sees the first ctx - rows + i + 1 keys (causal, after the cached prefix).  Exact
+// two-pass softmax as in decode_attention.
+template <typename T>
+void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                       const at::Tensor& tables, const std::vector<Chunk>& chunks, int64_t block_size, double scale) {
+  const int64_t q_heads = q.size(1), dim = q.size(2), kv_heads = k.size(1), group = q_heads / kv_heads;
+  struct Item {
+    int64_t chunk, head, row_begin, row_end;
+  };
+  std::vector<Item> items;
+  const int64_t heads = static_cast<int64_t>(chunks.size()) * kv_heads;
+  for (int64_t c = 0; c < static_cast<int64_t>(chunks.size()); ++c) {
+    const int64_t row_tiles = (chunks[c].rows + kQueryTile - 1) / kQueryTile;
+    const int64_t parts = std::clamp<int64_t>((2 * at::get_num_threads() + heads - 1) / heads, 1, row_tiles);
+    for (int64_t g = 0; g < kv_heads; ++g)
+      for (int64_t p = 0; p < parts; ++p)
+        items.push_back({c, g, p * row_tiles / parts * kQueryTile,
+                         std::min(chunks[c].rows, (p + 1) * row_tiles / parts * kQueryTile)});
+  }
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int32_t* tp = tables.data_ptr<int32_t>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), os0 = out.stride(0), os1 = out.stride(1);
+  const int64_t ts0 = tables.stride(0);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf, acc, inv, scores, kt;
+    for (int64_t it = begin; it < end; ++it) {
+      const Chunk& c = chunks[items[it].chunk];
+      const int64_t g = items[it].head, before = c.ctx - c.rows;  // cached tokens ahead of the chunk
+      const int32_t* table = tp + c.seq * ts0;
+      auto slot = [&](int64_t j) { return static_cast<int64_t>(table[j / block_size]) * block_size + j % block_size; };
+      const int64_t keys = before + items[it].row_end;  // what the item's last row sees
+      kt.resize((keys + kKeyTile - 1) / kKeyTile * kKeyTile * dim);
+      for (int64_t j0 = 0; j0 < keys; j0 += kKeyTile) {
+        float* tile = &kt[j0 * dim];
+        for (int64_t jj = 0; jj < kKeyTile; ++jj) {
+          if (j0 + jj < keys) {
+            const T* krow = kp + slot(j0 + jj) * ks0 + g * ks1;
+            for (int64_t d = 0; d < dim; ++d) tile[d * kKeyTile + jj] = static_cast<float>(krow[d]);
+          } else {
+            for (int64_t d = 0; d < dim; ++d) tile[d * kKeyTile + jj] = 0.f;
+          }
+        }
+      }
+      for (int64_t r0 = items[it].row_begin; r0 < items[it].row_end; r0 += kQueryTile) {
+        const int64_t nrows = std::min(kQueryTile, items[it].row_end - r0), nv = nrows * group;
+        const int64_t first = before + r0 + 1, n = first + nrows - 1;  // keys of the tile's first, last row
+        // Query vector u = i * group + h: row r0 + i of the chunk, head g * group + h.
+        qf.resize(nv * dim);
+        for (int64_t u = 0; u < nv; ++u) {
+          const T* qrow = qp + (c.row0 + r0 + u / group) * qs0 + (g * group + u % group) * qs1;
+          for (int64_t d = 0; d < dim; ++d) qf[u * dim + d] = static_cast<float>(qrow[d]) * static_cast<float>(scale);
+        }
+        scores.resize(nv * n);
+        for (int64_t j0 = 0; j0 < n; j0 += kKeyTile) {
+          const float* tile = &kt[j0 * dim];
+          const int64_t cnt = std::min(kKeyTile, n - j0);
+          // Rows whose last key is before this tile skip it: row i sees keys < first + i.
+          int64_t u = std::max<int64_t>(0, j0 - first + 1) * group;
+          for (; u + 4 <= nv; u += 4) {
+            float a[4][kKeyTile] = {};
+            for (int64_t d = 0; d < dim; ++d) {
+              const float* kr = tile + d * kKeyTile;
+              const float q0 = qf[u * dim + d], q1 = qf[(u + 1) * dim + d];
+              const float q2 = qf[(u + 2) * dim + d], q3 = qf[(u + 3) * dim + d];
+#pragma omp simd
+              for (int64_t jj = 0; jj < kKeyTile; ++jj) {
+                a[0][jj] += q0 * kr[jj];
+                a[1][jj] += q1 * kr[jj];
+                a[2][jj] += q2 * kr[jj];
+                a[3][jj] += q3 * kr[jj];
+              }
+            }
+            for (int64_t w = 0; w < 4; ++w) std::memcpy(&scores[(u + w) * n + j0], a[w], cnt * sizeof(float));
+          }
+          for (; u < nv; ++u) {
+            float a[kKeyTile] = {};
+            for (int64_t d = 0; d < dim; ++d) {
+              const float* kr = tile + d * kKeyTile;
+              const float qd = qf[u * dim + d];
+#pragma omp simd
+              for (int64_t jj = 0; jj < kKeyTile; ++jj) a[jj] += qd * kr[jj];
+            }
+            std::memcpy(&scores[u * n + j0], a, cnt * sizeof(float));
+          }
+        }
+        inv.resize(nv);
+        for (int64_t u = 0; u < nv; ++u) {
+          float* s = &scores[u * n];
+          const int64_t len = first + u / group;
+          float m = -INFINITY;
+          double sum = 0.;
+          for (int64_t j = 0; j < len; ++j) m = std::max(m, s[j]);
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < len; ++j) {
+            s[j] = fast_exp(s[j] - m);
+            sum += s[j];
+          }
+          inv[u] = static_cast<float>(1. / sum);
+        }
+        acc.assign(nv * dim, 0.f);
+        for (int64_t j = 0; j < n; ++j) {
+          const T* vrow = vp + slot(j) * vs0 + g * vs1;
+          for (int64_t u = std::max<int64_t>(0, j - first + 1) * group; u < nv; ++u)
+            axpy(&acc[u * dim], scores[u * n + j], vrow, dim);
+        }
+        for (int64_t u = 0; u < nv; ++u) {
+          T* orow = op + (c.row0 + r0 + u / group) * os0 + (g * group + u % group) * os1;
+          for (int64_t d = 0; d < dim; ++d) orow[d] = static_cast<T>(acc[u * dim + d] * inv[u]);
+        }
+      }
+    }
+  });
+}
+
 // q [T, Hq, D]; k/v_cache [slots, Hkv, D]; block_tables [S, max_blocks] int32; seq_lens [S]
 // int32, each sequence's context with its new tokens.  query_starts [S + 1] int32 cuts q into
 // the sequences' new tokens (a prefill chunk attends causally to its cached prefix and to
@@ -142,7 +274,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt, "int32 tables and lengths");
   const at::Tensor lens = seq_lens.contiguous();
   const int32_t* lp = lens.data_ptr<int32_t>();
-  std::vector<int64_t> seq, ctx;
+  std::vector<int64_t> row, seq, ctx;  // decode rows
+  std::vector<Chunk> chunks;           // sequences with several new tokens
   if (query_starts.has_value()) {
     const at::Tensor starts = query_starts->contiguous();
     TORCH_CHECK(starts.scalar_type() == at::kInt && starts.numel() == lens.numel() + 1, "query_starts: S + 1 int32");
@@ -151,21 +284,26 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
     for (int64_t s = 0; s < lens.numel(); ++s) {
       const int64_t new_tokens = sp[s + 1] - sp[s];
       TORCH_CHECK(new_tokens <= lp[s], "a sequence has more new tokens than context");
-      for (int64_t i = 0; i < new_tokens; ++i) {
+      if (new_tokens > 1) {
+        chunks.push_back({s, sp[s], new_tokens, lp[s]});
+      } else if (new_tokens == 1) {
+        row.push_back(sp[s]);
         seq.push_back(s);
-        ctx.push_back(lp[s] - new_tokens + i + 1);
+        ctx.push_back(lp[s]);
       }
     }
   } else {
     TORCH_CHECK(lens.numel() == q.size(0), "one context length per query row");
     for (int64_t s = 0; s < lens.numel(); ++s) {
+      row.push_back(s);
       seq.push_back(s);
       ctx.push_back(lp[s]);
     }
   }
   at::Tensor out = at::empty(q.sizes(), q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
-    attention<scalar_t>(q, k_cache, v_cache, out, block_tables, seq, ctx, block_size, scale);
+    decode_attention<scalar_t>(q, k_cache, v_cache, out, block_tables, row, seq, ctx, block_size, scale);
+    prefill_attention<scalar_t>(q, k_cache, v_cache, out, block_tables, chunks, block_size, scale);
   });
   return out;
 }
@@ -248,6 +386,59 @@ at::Tensor silu_and_mul(const at::Tensor& gate, const at::Tensor& up) {
   return out;
 }
 
+// Rotary embedding (Hugging Face's half-split layout) of q and k, fused with the cache write
+// that follows it: one pass over the step's q/k/v instead of the reference's seven (two
+// rotations of mul, cat, neg, mul, add each, then two index_copy_ into the pool).  cos/sin are
+// [T, D] with equal halves (raypp/model/rope.py).  Arithmetic in the storage dtype's order:
+// x * cos + rotated * sin, each product and the sum rounded as the reference rounds them.
+template <typename T>
+inline void rotate(const T* x, const T* c, const T* s, T* out, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const T lo = x[i], hi = x[i + half];
+    out[i] = static_cast<T>(static_cast<T>(lo * c[i]) + static_cast<T>(-hi * s[i]));
+    out[i + half] = static_cast<T>(static_cast<T>(hi * c[i + half]) + static_cast<T>(lo * s[i + half]));
+  }
+}
+
+at::Tensor rope_and_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                          const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3,
+              "q, k, v and the caches must be 3-d");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1 && k_cache.stride(2) == 1 &&
+                  v_cache.stride(2) == 1, "head_dim must be contiguous");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(1) == k_cache.size(1) && q.size(2) == k.size(2) && q.size(2) % 2 == 0,
+              "q [T, Hq, D], k/v [T, Hkv, D] and the caches [slots, Hkv, D] must agree");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == q.size(0), "one int64 slot per token");
+  const at::Tensor c = cos.contiguous(), sn = sin.contiguous(), sl = slots.contiguous();
+  TORCH_CHECK(c.dim() == 2 && c.size(0) == q.size(0) && c.size(1) == q.size(2) && sn.sizes() == c.sizes(),
+              "cos/sin must be [T, D]");
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  const int64_t tokens = q.size(0), qh = q.size(1), kh = k.size(1), d = q.size(2), half = d / 2;
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rope_and_cache", [&] {
+    TORCH_CHECK(c.scalar_type() == q.scalar_type() && k.scalar_type() == q.scalar_type() &&
+                    k_cache.scalar_type() == q.scalar_type(), "dtype mismatch");
+    const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
+    const scalar_t *cp = c.data_ptr<scalar_t>(), *spn = sn.data_ptr<scalar_t>();
+    scalar_t *op = out.data_ptr<scalar_t>(), *kc = k_cache.data_ptr<scalar_t>(), *vc = v_cache.data_ptr<scalar_t>();
+    at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t *ct = cp + t * d, *st = spn + t * d;
+        const int64_t slot = sp[t];
+        for (int64_t h = 0; h < qh; ++h)
+          rotate(qp + t * q.stride(0) + h * q.stride(1), ct, st, op + (t * qh + h) * d, half);
+        for (int64_t h = 0; h < kh; ++h) {
+          rotate(kp + t * k.stride(0) + h * k.stride(1), ct, st, kc + slot * k_cache.stride(0) + h * k_cache.stride(1),
+                 half);
+          std::memcpy(vc + slot * v_cache.stride(0) + h * v_cache.stride(1), vp + t * v.stride(0) + h * v.stride(1),
+                      d * sizeof(scalar_t));
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(raypp_cpu, m) {
@@ -255,10 +446,13 @@ TORCH_LIBRARY(raypp_cpu, m) {
         "Tensor? query_starts, int block_size, float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> Tensor[]");
   m.def("silu_and_mul(Tensor gate, Tensor up) -> Tensor");
+  m.def("rope_and_cache(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, Tensor slots) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(raypp_cpu, CPU, m) {
   m.impl("paged_attention", &paged_attention);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("rope_and_cache", &rope_and_cache);
 }

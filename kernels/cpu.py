@@ -6,6 +6,7 @@
 | paged_attention (varlen)  | decode ref + paged_prefill_attention_ref    |
 | rms_norm, add_rms_norm    | rmsnorm.rms_norm_ref, add_rms_norm_ref      |
 | silu_and_mul              | activation.silu_and_mul_ref                 |
+| rope_and_cache            | rotary.rope_and_cache_ref                   |
 
 A C++ extension rather than torch.compile: it reads the paged cache in place without a
 compiler stack in the serving process, builds in seconds with nothing but g++ and torch's
@@ -134,3 +135,8 @@ def add_rms_norm(x, residual, weight, eps: float):
 
 def silu_and_mul(gate, up):
     return torch.ops.raypp_cpu.silu_and_mul(gate, up)
+
+
+def rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots):
+    """Rotates q and k, writes k and v into the caches at `slots` (int64); returns the rotated q."""
+    return torch.ops.raypp_cpu.rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots)

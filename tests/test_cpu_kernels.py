@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from kernels import activation, cpu, paged_attention, rmsnorm
+from kernels import activation, cpu, paged_attention, rmsnorm, rotary
 from raypp.model import ops
 from raypp.model.attention import AttentionMetadata
 from tests.kernel_cases import paged_cache
@@ -100,6 +100,7 @@ MIXED_CASES = [  # (new tokens, context) per sequence, q_heads, kv_heads, head_d
     ([(5, 40), (1, 17), (30, 30), (1, 1), (16, 50)], 8, 2, 32, 16),  # chunks over cached prefixes
     ([(64, 64)], 16, 8, 64, 16),                             # one prompt (the small preset's heads)
     ([(7, 100), (1, 64), (3, 3)], 12, 3, 64, 32),            # GQA 4:1, a chunk crossing 3 blocks
+    ([(37, 90), (2, 2), (1, 20)], 3, 1, 40, 5),              # 3 query tiles, head_dim 40, 5-token blocks
 ]
 
 
@@ -117,6 +118,46 @@ def test_mixed_batch_attention_matches_reference_route(seqs, q_heads, kv_heads, 
     with ops.use("cpu"):
         out = ops.attention(q, k, v, meta, head_dim ** -0.5)
     assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,q_heads,kv_heads,head_dim", [(1, 16, 8, 64), (37, 6, 2, 32), (5, 4, 4, 128)])
+def test_rope_and_cache_equals_its_reference(tokens, q_heads, kv_heads, head_dim, dtype):
+    """Rotated q returned, rotated k and v written at their slots, every other slot untouched;
+    k and v are the strided column slices of one fused product, as the model hands them over."""
+    from raypp.model.rope import inv_frequencies, rope_cos_sin
+    qkv = rand(tokens, (q_heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=41)
+    q, k, v = (y.view(tokens, -1, head_dim) for y in qkv.split([q_heads * head_dim, kv_heads * head_dim,
+                                                                 kv_heads * head_dim], dim=-1))
+    positions = torch.randint(0, 500, (tokens,), generator=torch.Generator().manual_seed(42))
+    cos, sin = rope_cos_sin(positions, inv_frequencies(head_dim, 10000.0, None), dtype)
+    slots = torch.randperm(3 * tokens, generator=torch.Generator().manual_seed(43))[:tokens]
+    caches = [rand(2, 3 * tokens, kv_heads, head_dim, dtype=dtype, seed=44) for _ in range(2)]
+    ref = rotary.rope_and_cache_ref(q, k, v, cos, sin, caches[0][0], caches[0][1], slots)
+    out = cpu.rope_and_cache(q, k, v, cos, sin, caches[1][0], caches[1][1], slots)
+    assert_close(out, ref, dtype)
+    assert_close(caches[1], caches[0], dtype)
+    assert torch.equal(caches[1][1], caches[0][1])  # v is copied, not computed
+
+
+def test_prefill_chunks_same_on_one_and_two_threads():
+    """With fewer chunk-heads than twice the threads a chunk's rows are split between items;
+    every row is still computed whole by one of them."""
+    k, v, tables = paged_cache([100], 1, 32, 16, torch.float32, seed=8)
+    meta = AttentionMetadata.build([70], [100], tables.tolist(), 16)
+    q = rand(70, 4, 32, seed=9)
+    args = (q, k, v, meta.tables, meta.seq_lens, meta.query_starts, 16, 32 ** -0.5)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu.paged_attention(*args)
+        torch.set_num_threads(2)
+        two = cpu.paged_attention(*args)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    p = meta.prefills[0]
+    assert_close(one, paged_attention.paged_prefill_attention_ref(q, k, v, p.slots, p.mask, 32 ** -0.5), torch.float32)
 
 
 def test_prefill_chunk_equals_its_reference():

@@ -107,9 +107,10 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def rope_and_cache(q, k, v, cos, sin, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """Rotates q and k, writes k and v into cache [2, slots, Hkv, D] at `slots`; returns q rotated."""
     k_cache, v_cache = cache[0], cache[1]  # views; indexing `cache[0, slots]` would copy the whole pool
-    if backend(q.device) in ("torch", "cpu"):  # no CPU kernel: with the write, <1.5% of a CPU decode step
+    name = backend(q.device)
+    if name == "torch":
         return rotary.rope_and_cache_ref(q, k, v, cos, sin, k_cache, v_cache, slots)
-    return rotary.rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots)
+    return (cpu if name == "cpu" else rotary).rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots)
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float):
