@@ -223,7 +223,6 @@ def main() -> int:
     log = lambda m: print(m, flush=True)  # noqa: E731
 
     async def measure(engine, profile: bool) -> dict:
-        rec = bench.StepRecorder(engine) if profile else None
         t = time.perf_counter()
         log(f"[model_decode] batch 1: warm-up + {args.reps} x (t({new} new), t(1 new))")
         lat = await bench.decode_latency(engine, prompts[0], new, args.reps)
@@ -244,7 +243,8 @@ def main() -> int:
             "bs32_e2e_s": thr["e2e_s"],
             "first_ids_bs1": lat["ids"][: common.FIRST_IDS],
         }
-        if rec is not None:
+        if profile:  # recorded only now: copying every step would slow the timed runs above
+            rec = bench.StepRecorder(engine)
             log("[model_decode] profile: engine ITL at batch 1 and batch 32, then one decode step of each replayed")
             prof = {}
             for b in (1, args.batch):
