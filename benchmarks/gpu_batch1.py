@@ -51,6 +51,19 @@ def _call(mode: int, n: int, k: int, device: str, dtype: torch.dtype, copies: in
     return (lambda cfg, pdl: fg.fused_gemv(x, next(cycle), mode, norm=norm, cfg=cfg, pdl=pdl, **kw)), nbytes
 
 
+def modes(batch: int, device: str, eager_torch: bool) -> list[str]:
+    """graph: as the worker captures it (at batch 1 the fused forward, PDL where supported,
+    tiles from --tune); graph-untuned: default tiles; graph-early: each kernel lets the next
+    launch as soon as its programs start (fused_decode.PDL_TRIGGER 2); graph-nopdl: no dependent launches;
+    graph-unfused: Transformer.forward, one kernel per op; graph-cublas: that on cuBLAS."""
+    eager = (["eager-torch"] if eager_torch else []) + ["eager-triton"]
+    if device != "cuda":  # --dry-run: a DecodeGraph runs its forward eagerly; the interpreter is slow
+        return eager + ["graph", "graph-unfused"] if batch == 1 else eager
+    graphs = ["graph"] + (["graph-untuned"] if fg.TUNED else []) + ["graph-early", "graph-nopdl", "graph-unfused",
+                                                                  "graph-cublas"] if batch == 1 else ["graph"]
+    return eager + graphs
+
+
 def candidates(mode: int, n: int, k: int, dry: bool) -> list[tuple]:
     if dry:
         return [(2, 32, 4, 1), (4, 16, 4, 1)]
@@ -71,13 +84,13 @@ def tune_fused(device: str, dtype: torch.dtype, dry: bool, ceiling: float, timer
         times = {}
         if pdl:  # a Triton or driver without dependent launches: tune (and report) plain launches
             try:
-                fn(default, True)
+                fn(default, 1)
             except Exception as e:
                 print(f"launch_pdl failed, tuning without it: {type(e).__name__}: {str(e)[:200]}")
                 pdl = False
         for cfg in dict.fromkeys([default] + candidates(mode, n, k, dry)):
             try:
-                times[cfg] = timer(lambda c=cfg: fn(c, pdl), device, 1 if dry else 3, 2 if dry else 20)
+                times[cfg] = timer(lambda c=cfg: fn(c, 1 if pdl else 0), device, 1 if dry else 3, 2 if dry else 20)
             except Exception as e:  # a tile shape that does not compile here is skipped, not fatal
                 print(f"tune {name} {cfg}: {type(e).__name__}: {str(e)[:120]}")
         if not times:

@@ -183,12 +183,13 @@ def decode_run(model, mode: str, batch: int, prompt: int, steps: int, block_size
     tables = [[b * blocks + j for j in range(blocks)] for b in range(batch)]
     vocab = model.lm_head.weight.shape[0]
     ids = torch.randint(3, vocab, (batch * prompt,), generator=torch.Generator().manual_seed(0)).to(device)
-    from raypp.model import cuda_graph
     from kernels import fused_gemv
+    from raypp.model import cuda_graph, fused_decode
 
     ops.use_gemv = mode != "graph-cublas"
     cuda_graph.FUSED_BATCH1 = mode not in ("graph-unfused", "graph-cublas")
     cuda_graph.PDL = False if mode == "graph-nopdl" else None
+    fused_decode.PDL_TRIGGER = 2 if mode == "graph-early" else 1
     tuned = dict(fused_gemv.TUNED)
     if mode == "graph-untuned":
         fused_gemv.TUNED.clear()
@@ -197,7 +198,7 @@ def decode_run(model, mode: str, batch: int, prompt: int, steps: int, block_size
         try:
             graph = DecodeGraph(model, batch, blocks, block_size, scratch_block) if mode.startswith("graph") else None
         finally:
-            cuda_graph.FUSED_BATCH1, cuda_graph.PDL = True, None
+            cuda_graph.FUSED_BATCH1, cuda_graph.PDL, fused_decode.PDL_TRIGGER = True, None, 1
             fused_gemv.TUNED.update(tuned)
         meta = AttentionMetadata.build([prompt] * batch, [prompt] * batch, tables, block_size)
         next_ids = model(ids, meta).argmax(-1)
@@ -258,7 +259,7 @@ def decode_bench(path: Path, batches: list[int], prompt: int, steps: int, device
         mean_ctx = prompt + (steps + 1) / 2
         kv_bytes = 2 * batch * mean_ctx * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
         roofline = batch * ceiling / (weight_bytes + kv_bytes)
-        for mode in modes(batch, device, eager_torch):
+        for mode in gpu_batch1.modes(batch, device, eager_torch):
             try:
                 r = decode_run(model, mode, batch, prompt, steps, block_size, cache_blocks - 1, device)
             except Exception as e:  # one mode failing must not cost the others' numbers
@@ -270,17 +271,6 @@ def decode_bench(path: Path, batches: list[int], prompt: int, steps: int, device
             r.update(roofline_tokens_per_s=roofline, frac_of_roofline=r["tokens_per_s"] / roofline)
             rows.append(r)
     return info, rows, model
-
-
-def modes(batch: int, device: str, eager_torch: bool) -> list[str]:
-    """graph: as the worker captures it (at batch 1 the fused forward, PDL where supported,
-    tiles from --tune); graph-untuned: default tiles; graph-nopdl: no dependent launches;
-    graph-unfused: Transformer.forward, one kernel per op; graph-cublas: that on cuBLAS."""
-    eager = (["eager-torch"] if eager_torch else []) + ["eager-triton"]
-    if device != "cuda":  # --dry-run: a DecodeGraph runs its forward eagerly; the interpreter is slow
-        return eager + ["graph", "graph-unfused"] if batch == 1 else eager
-    graphs = ["graph", "graph-untuned", "graph-nopdl", "graph-unfused", "graph-cublas"] if batch == 1 else ["graph"]
-    return eager + graphs
 
 
 def engine_bench(path: Path, batches: list[int], prompt: int, steps: int, device: str) -> dict:

@@ -19,7 +19,9 @@ Each program owns 2 x HALF rows, streamed in BLOCK_K tiles with the next tile's 
 before the current one is multiplied.  With `pdl` (programmatic dependent launch, Hopper) a
 kernel may start while the previous one drains: it loads its first weight tile (weights are
 never written during a step), then waits (gdc_wait) before touching anything the previous
-kernel writes.  Every result is rounded where the unfused kernels round it, so the outputs
+kernel writes.  pdl=1 lets the next kernel launch once this one's wait is over, pdl=2 as soon
+as this one's programs start: each kernel waits for the one before, which finished only after
+its own wait, so writes stay ordered either way.  Every result is rounded where the unfused kernels round it, so the outputs
 equal the unfused path's up to the products' summation order.
 """
 from __future__ import annotations
@@ -79,13 +81,16 @@ def _fused_gemv_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, y_ptr, kc_ptr, vc_ptr, cos_p
         rows_b = rows_a + HALF
         mask_a, mask_b = rows_a < n, rows_b < n
     cols = tl.arange(0, BLOCK_K)
+    if USE_PDL == 2:  # let the next kernel launch now: it too only prefetches weights until it waits
+        tl.extra.cuda.gdc_launch_dependents()
     wa_ptrs = w_ptr + rows_a.to(tl.int64)[:, None] * stride_w + cols[None, :]
     wb_ptrs = w_ptr + rows_b.to(tl.int64)[:, None] * stride_w + cols[None, :]
     wa = tl.load(wa_ptrs, mask=mask_a[:, None] & (cols < k)[None, :], other=0.0)
     wb = tl.load(wb_ptrs, mask=mask_b[:, None] & (cols < k)[None, :], other=0.0)
-    if USE_PDL:
+    if USE_PDL > 0:
         # Everything above reads weights only; from here on the previous kernel's output.
         tl.extra.cuda.gdc_wait()
+    if USE_PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
     if NORM:
         ss = tl.zeros([BLOCK_K], tl.float32)
@@ -203,5 +208,5 @@ def fused_gemv(x, weight, mode=PLAIN, norm=None, bias=None, out=None, pair_offse
         x, weight, bias if bias is not None else dummy, norm[0] if norm is not None else dummy, out, kc, vc,
         cos, sin, slots, n, k, weight.stride(0), norm[1] if norm is not None else 0.0, pair_offset,
         q_heads, kv_heads, stride_cache, MODE=mode, NORM=norm is not None, HAS_BIAS=bias is not None,
-        HALF=half, ROPE_HALF=max(rope_half, 1), BLOCK_K=block_k, USE_PDL=pdl, **launch)
+        HALF=half, ROPE_HALF=max(rope_half, 1), BLOCK_K=block_k, USE_PDL=int(pdl), **launch)
     return out

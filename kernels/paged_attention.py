@@ -61,8 +61,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, stats_ptr, tables_ptr
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    if USE_PDL:  # launched while the previous kernel drains: wait for its q and cache writes
+    if USE_PDL == 2:  # (kernels/fused_gemv.py: the next kernel may launch now)
+        tl.extra.cuda.gdc_launch_dependents()
+    if USE_PDL > 0:  # launched while the previous kernel drains: wait for its q and cache writes
         tl.extra.cuda.gdc_wait()
+    if USE_PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
     length = tl.load(lens_ptr + b)
     # tl.dot needs at least 16 rows, so the GROUP query heads are padded to BLOCK_G.
@@ -108,8 +111,11 @@ def _combine_kernel(part_ptr, stats_ptr, out_ptr, q_heads, stride_ob, stride_oh,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    if USE_PDL:
+    if USE_PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()
+    if USE_PDL > 0:
         tl.extra.cuda.gdc_wait()
+    if USE_PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
     sp = tl.arange(0, SPLITS)
     d = tl.arange(0, BLOCK_D)
@@ -138,11 +144,11 @@ def num_splits(batch: int, kv_heads: int, max_len: int, block_n: int, device: to
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, max_len: int,
                            block_size: int, scale: float, splits: int | None = None,
-                           pdl: bool = False) -> torch.Tensor:
+                           pdl: int = 0) -> torch.Tensor:
     """Same contract as the reference; block_tables and context_lens are int32.  `splits`
     (a power of two) overrides num_splits; it depends only on host ints, so a CUDA graph
-    captured for one max_len replays the same launch.  pdl: launch as a programmatic
-    dependent of the previous kernel (Hopper; the fused batch-1 decode, fused_gemv.py)."""
+    captured for one max_len replays the same launch.  pdl (0, 1 or 2): launch as a programmatic
+    dependent of the previous kernel (Hopper; the fused batch-1 decode, see fused_gemv.py)."""
     batch, q_heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     group = q_heads // kv_heads
@@ -164,9 +170,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLITS=splits,
         # fp32 caches get exact fp32 products, not Triton's default tf32; 16-bit ones ignore this.
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_PDL=pdl, num_warps=4, num_stages=2,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_PDL=int(pdl), num_warps=4, num_stages=2,
         **launch)
     if splits > 1:
         _combine_kernel[(batch, q_heads)](part, stats, out, q_heads, out.stride(0), out.stride(1),
-                                          HEAD_DIM=dim, BLOCK_D=block_d, SPLITS=splits, USE_PDL=pdl, **launch)
+                                          HEAD_DIM=dim, BLOCK_D=block_d, SPLITS=splits, USE_PDL=int(pdl), **launch)
     return out

@@ -46,9 +46,17 @@ def eligible(model) -> bool:
     return True
 
 
+# With pdl, when the next kernel may launch (kernels/fused_gemv.py): 1 once this one's programs
+# have waited for the previous kernel, 2 as soon as they start.  2 measured slower on an H200
+# (0.89 against 0.80 ms a step, docs/benchmarks.md): the early programs hold the SMs while
+# they wait.  A switch for benchmarks.
+PDL_TRIGGER = 1
+
+
 def forward(model, x: torch.Tensor, meta, pdl: bool = False) -> torch.Tensor:
     """Transformer.forward for one decode token (meta of batch 1, on x's device): logits
     [1, vocab] in fp32, or hidden states [1, d] for a stage without the head."""
+    pdl = PDL_TRIGGER if pdl else 0
     h = model.embed_tokens(x) if model.embed_tokens is not None else x.clone()  # the residual stream
     h = h.reshape(1, -1).contiguous()
     if model.inv_freq.device != h.device:
