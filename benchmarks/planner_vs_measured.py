@@ -2,23 +2,26 @@
 """The planner's predictions for raypp's own CPU runs, against measurements, after calibration.
 
     python benchmarks/planner_vs_measured.py [--ckpt checkpoints/small] [--layouts 1x1,2x1,1x2,2x2] \
-        [--calibrate-layout 2x2] [--itl-concurrency 1] [--sat-concurrency 16] [--input-len 64] [--output-len 64] \
-        [--out benchmarks/results/planner_vs_measured.json]
+        [--calibrate-layout 2x1] [--reps 3] [--itl-concurrency 1] [--sat-concurrency 16] [--input-len 64] \
+        [--output-len 64] [--out benchmarks/results/planner_vs_measured.json]
     python benchmarks/planner_vs_measured.py --recompute [--calibration-runs FILE.json:LAYOUT] [--out ...]
 
-Run it on a quiet machine: every number is a wall-clock time on shared cores.
+Run it on a quiet machine: every number is a wall-clock time on shared cores.  It runs --reps rounds,
+each the calibration layout and then every compared layout, so that the machine's drift from one
+minute to the next reaches the calibration and the comparison alike.
 
-1. calibrate  one layout (default TP2 x PP2, one core per worker, on a local Ray) runs a load
-              phase at each concurrency; the per-stage deltas of the engine's typed stats go
-              to `raypp.planner.live_fit.fit`, as `raypp calibrate` does through /stats; the
-              fitted factors are written as a hardware file beside the JSON, the phases into it.
+1. calibrate  one layout (default TP2, one core per worker, on a local Ray) runs a load phase at
+              each concurrency; the per-stage deltas of the engine's typed stats, summed over the
+              rounds, go to `raypp.planner.live_fit.fit` (from `hardware.CPU_PROBED`, what cpu_probe
+              measured), as `raypp calibrate` does through /stats; the fitted factors are written as
+              a hardware file beside the JSON, the phases into it.
 2. compare    TP1, TP2, PP2 and TP2 x PP2 each run an ITL phase (--itl-concurrency) and a
-              saturated phase (--sat-concurrency); the planner, with the fitted factors,
-              predicts ITL (client view: the mean gap between a request's tokens) and output
-              tok/s for the same loads: equal requests, so the saturated phase runs in waves of
-              --sat-concurrency that start and end together (`perf.static_batch_throughput`).
-              Errors per layout are printed as the markdown table of docs/benchmarks.md; the
-              target is within 15%.
+              saturated phase (--sat-concurrency) per round, a row is the median of its rounds;
+              the planner, with the fitted factors, predicts ITL (client view: the mean gap between
+              a request's tokens) and output tok/s for the same loads: equal requests, so the
+              saturated phase runs in waves of --sat-concurrency that start and end together
+              (`perf.static_batch_throughput`).  Errors per layout are printed as the markdown table
+              of docs/benchmarks.md; the target is within 15%.
 
 --recompute starts no engine: it refits from the calibration phases recorded in --out (or from
 the per-stage runs of another benchmark's JSON, `--calibration-runs pipeline_fill.json:1x2`) and
@@ -29,22 +32,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from raypp.planner.balance import balanced_split
-from raypp.planner.hardware import DEVICES, LINKS
+from raypp.planner.cpu_fit import CPU, fit_small, small_layout
+from raypp.planner.hardware import LINKS
 from raypp.layout import Layout
 from raypp.planner.layout import Cluster, Workload, stage_shapes
-from raypp.planner.live_fit import Phase, fit, hardware_yaml
+from raypp.planner.live_fit import Phase, hardware_yaml, merge
 from raypp.planner.models import PRESETS
 from raypp.planner.perf import decode_round, static_batch_throughput
 from raypp.planner.strategy import Options, evaluate
 from raypp.benchmark import host_info, make_config, make_prompts, open_engine, run_load
 
 ROOT = Path(__file__).resolve().parent.parent
-CPU = DEVICES["cpu-epyc-2core"]
 TOKEN_BUDGET = 512        # make_config's max_tokens_per_micro_batch: prompts prefilled per forward
 
 
@@ -92,7 +95,7 @@ def predict(eff, tp: int, pp: int, itl_concurrency: int, sat_concurrency: int, i
     wl = Workload(dtype="fp32", kv_dtype="fp32", concurrency=itl_concurrency, input_len=isl, output_len=osl,
                   prefill_chunk=TOKEN_BUDGET)
     itl = evaluate(PRESETS["small"], Layout(tp, pp, (), 1), cluster, wl, Options(tp=tp, pp=pp)).prediction.itl
-    layout = Layout(tp, pp, tuple(balanced_split(PRESETS["small"].layers, pp)))
+    layout = small_layout(f"{tp}x{pp}")
     sat = replace(wl, concurrency=sat_concurrency)
     shapes = stage_shapes(PRESETS["small"], layout, sat)
     per_forward = max(1, TOKEN_BUDGET // isl)
@@ -100,17 +103,6 @@ def predict(eff, tp: int, pp: int, itl_concurrency: int, sat_concurrency: int, i
     _, bubble, _ = decode_round(shapes, layout, cluster, sat, sat_concurrency,
                                 layout.micro_batches(sat_concurrency, None), isl + osl / 2)
     return itl * 1e3, tok_s, bubble
-
-
-def calibration_layout(spec: str) -> Layout:
-    # The runtime's split for `small` (8 layers, a 4k vocabulary) is the equal one.
-    tp, pp = (int(x) for x in spec.lower().split("x"))
-    return Layout(tp, pp, tuple(balanced_split(PRESETS["small"].layers, pp)))
-
-
-def fit_cpu(layout: Layout, phases: list[Phase]):
-    cluster = Cluster(CPU, layout.world_size, 1, LINKS[CPU.intra_link], LINKS[CPU.network])
-    return fit(PRESETS["small"], layout, cluster, phases, "fp32")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -127,11 +119,11 @@ def recompute(args) -> int:
     result = json.loads(args.out.read_text())
     if args.calibration_runs:
         path, spec = args.calibration_runs.rsplit(":", 1)
-        layout, phases = calibration_layout(spec), recorded_runs(Path(path))
+        layout, phases = small_layout(spec), recorded_runs(Path(path))
     else:
-        layout = calibration_layout(result["calibration_layout"])
+        layout = small_layout(result["calibration_layout"])
         phases = [Phase(**ph) for ph in result["calibration_phases"]]
-    eff = fit_cpu(layout, phases)
+    eff = fit_small(layout, phases)
     log(f"[recompute] {layout.name} from {len(phases)} phase(s): fitted {eff}")
     rows = []
     for r in result["rows"]:
@@ -147,11 +139,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", type=Path, default=ROOT / "checkpoints" / "small")
     ap.add_argument("--layouts", default="1x1,2x1,1x2,2x2", help="TPxPP layouts to compare")
-    ap.add_argument("--calibrate-layout", default="2x2", help="TPxPP of the calibration run")
+    ap.add_argument("--calibrate-layout", default="2x1", help="TPxPP of the calibration run")
     ap.add_argument("--calibrate-concurrency", default="1,4,16")
     ap.add_argument("--itl-concurrency", type=int, default=1)
     ap.add_argument("--sat-concurrency", type=int, default=16)
     ap.add_argument("--requests", type=int, default=32, help="requests of a saturated / calibration phase")
+    ap.add_argument("--reps", type=int, default=3,
+                    help="rounds over the calibration and the layouts; a row is the median of its runs")
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "planner_vs_measured.json")
@@ -166,29 +160,42 @@ def main() -> int:
         make_checkpoint(args.ckpt, preset="small", seed=0)
     isl, osl = args.input_len, args.output_len
 
-    layout = calibration_layout(args.calibrate_layout)
+    layout = small_layout(args.calibrate_layout)
     concs = [int(x) for x in args.calibrate_concurrency.split(",")]
-    log(f"[calibrate] {layout.name}, concurrency {concs}")
-    loads = measure(args.ckpt, layout.tp, layout.pp, [(c, max(c, args.requests)) for c in concs], isl, osl)
-    phases = [phase_of(ld.to_json(), layout.pp, TOKEN_BUDGET) for ld in loads]
-    eff = fit_cpu(layout, phases)
+    layouts = [tuple(int(x) for x in lay.lower().split("x")) for lay in args.layouts.split(",")]
+    load_before = os.getloadavg()
+    cal_runs, runs = [], {lay: [] for lay in layouts}
+    # Whole rounds, the calibration layout first: this shared VM's speed drifts by 10-20% from one minute
+    # to the next, so a calibration measured once, minutes before the layouts, carries its minute's speed
+    # into every prediction.  Each round's calibration phases are summed with the others'.
+    for rep in range(args.reps):
+        log(f"[calibrate] round {rep + 1}/{args.reps}: {layout.name}, concurrency {concs}")
+        cal_runs.append(measure(args.ckpt, layout.tp, layout.pp, [(c, max(c, args.requests)) for c in concs],
+                                isl, osl))
+        for tp, pp in layouts:
+            log(f"[compare] round {rep + 1}/{args.reps}: TP{tp}xPP{pp}")
+            runs[tp, pp].append(measure(args.ckpt, tp, pp, [(args.itl_concurrency, max(4, args.itl_concurrency)),
+                                                            (args.sat_concurrency, args.requests)], isl, osl))
+    phases = [merge([phase_of(r[i].to_json(), layout.pp, TOKEN_BUDGET) for r in cal_runs]) for i in range(len(concs))]
+    eff = fit_small(layout, phases)
     log(f"[calibrate] fitted {eff}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     hw = args.out.with_suffix(".hardware.yaml")
     hw.write_text(hardware_yaml(CPU, eff, "cpu-calibrated", f"benchmarks/planner_vs_measured.py, {layout.name}"))
-
     rows = []
-    for tp, pp in (tuple(int(x) for x in lay.lower().split("x")) for lay in args.layouts.split(",")):
-        itl_load, sat_load = measure(args.ckpt, tp, pp, [(args.itl_concurrency, max(4, args.itl_concurrency)),
-                                                         (args.sat_concurrency, args.requests)], isl, osl)
-        itl_meas = statistics.fmean(x for t in itl_load.traces for x in t.itls_s) * 1e3
+    for (tp, pp), reps in runs.items():
+        itls = [statistics.fmean(x for t in itl.traces for x in t.itls_s) * 1e3 for itl, _ in reps]
+        tok_s = [sat.output_tok_s for _, sat in reps]
         p_itl, p_tok_s, p_bubble = predict(eff, tp, pp, args.itl_concurrency, args.sat_concurrency, isl, osl)
-        rows.append({"layout": f"TP{tp}xPP{pp}", "itl_ms": itl_meas, "itl_ms_predicted": p_itl,
-                     "tok_s": sat_load.output_tok_s, "tok_s_predicted": p_tok_s,
-                     "bubble_measured": statistics.fmean(s["bubble_ratio"] for s in sat_load.stages_run),
-                     "bubble_predicted": p_bubble})
-        log(f"[compare] {rows[-1]}")
-    result = {"host": host_info(), "input_len": isl, "output_len": osl, "itl_concurrency": args.itl_concurrency,
+        rows.append({"layout": f"TP{tp}xPP{pp}", "itl_ms": statistics.median(itls), "itl_ms_predicted": p_itl,
+                     "tok_s": statistics.median(tok_s), "tok_s_predicted": p_tok_s,
+                     "itl_ms_runs": itls, "tok_s_runs": tok_s,
+                     "bubble_measured": statistics.fmean(s["bubble_ratio"] for _, sat in reps for s in sat.stages_run),
+                     "bubble_predicted": p_bubble,
+                     # each layout's own per-stage runs, so a later --recompute can calibrate on any of them
+                     "phases": [asdict(phase_of(ld.to_json(), pp, TOKEN_BUDGET)) for ld in reps[0]]})
+        log(f"[compare] {({k: v for k, v in rows[-1].items() if k != 'phases'})}")
+    result = {"host": host_info(), "loadavg_before": list(load_before), "input_len": isl, "output_len": osl, "itl_concurrency": args.itl_concurrency,
               "sat_concurrency": args.sat_concurrency, "calibration_layout": args.calibrate_layout,
               "fitted": asdict(eff), "calibration_phases": [asdict(ph) for ph in phases], "rows": rows}
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,19 +1,41 @@
 """Measure the numbers of a CPU profile: `python -m raypp.planner.cpu_probe [threads]`.
 
-How the `cpu-epyc-2core` entry of hardware.py was measured (torch imported
-here lazily; the planner itself never imports it).  Best of 5 runs each:
-  bandwidth  fp32 GEMV (1 x 8192) @ (8192 x 8192): 256 MiB of weights read
-             once, the decode access pattern -> bytes / time
-  FLOP/s     2048^3 matmul in fp32 and bf16 -> 2 n^3 / time
-  overhead   one eager Llama layer of the `tiny` shape at batch 1, minus the
-             time its weight bytes take at the measured bandwidth
-  gloo       all-reduce between 2 processes of 1 KiB and 4 MiB (latency and
-             bandwidth of the "link" between CPU workers)
+How the `cpu-epyc-2core` entry of hardware.py was measured (torch imported here lazily; the
+planner itself never imports it).  Every product goes through the path raypp's model takes on
+the CPU, `raypp.model.ops.linear` on weights packed once at load time (oneDNN,
+kernels/cpu_linear.py), not plain torch matmul: a profile of another kernel predicts another
+runtime.  Best of several runs each:
+  FLOP/s        a 2048-row product with a 2048 x 2048 weight, fp32 and bf16 -> 2 n^3 / time
+  bandwidth     the linear layers of the `small` preset (8 layers of q, k, v, o, gate, up, down
+                and the lm_head, 390 MB) multiplied by one row each, back to back: the weight
+                stream of a batch-1 decode step -> bytes / (time - its FLOPs at the rate above)
+  packing       the same products with 2, 8 and 32 rows: the passes over the weights beyond the
+                first that a multi-row product costs once its FLOPs are taken out -- a BLAS that
+                packs weights per call pays ~1, weights packed at load time ~0
+  host bus      the one-row stream run by two processes at once, each on its own core: their
+                summed rate in units of one process's (`Efficiency.host_streams`)
+  overhead      one eager Llama layer of the `tiny` shape at batch 1 through raypp's CPU ops,
+                minus the time its weight bytes take at the measured bandwidth
+  gloo          all-reduce between 2 processes of 1 KiB and 4 MiB
 """
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass, fields
+
+_PACK_ROWS = (2, 8, 32)
+
+
+@dataclass(frozen=True)
+class CpuProbe:
+    gemv_bytes_per_s: float        # one-row products over small's packed weights
+    fp32_flops: float
+    bf16_flops: float
+    pack_passes: float             # median over _PACK_ROWS
+    host_streams: float            # two processes' summed one-row rate / one process's
+    layer_overhead_s: float
+    packed: bool                   # False: ops.linear fell back to torch (no oneDNN here)
 
 
 def _best(fn, n: int = 5) -> float:
@@ -25,40 +47,129 @@ def _best(fn, n: int = 5) -> float:
     return min(out)
 
 
-def probe(threads: int = 1) -> dict[str, float]:
+def _packed_weight(out_features: int, in_features: int, dtype=None):
+    """A weight as the model holds it after loading: packed for oneDNN when this host can."""
     import torch
 
+    from raypp.model import ops
+    w = torch.randn(out_features, in_features, dtype=dtype or torch.float32)
+    ops.pack_linears([w])
+    return w
+
+
+def _decode_stack():
+    """The linear weights of `small` as its model holds them, in the order a decode step reads them."""
+    from raypp.planner.models import PRESETS
+    m = PRESETS["small"]
+    layer = [(m.heads * m.hd, m.hidden), (m.kv_heads * m.hd, m.hidden), (m.kv_heads * m.hd, m.hidden),
+             (m.hidden, m.heads * m.hd), (m.intermediate, m.hidden), (m.intermediate, m.hidden),
+             (m.hidden, m.intermediate)]
+    return [_packed_weight(o, i) for _ in range(m.layers) for o, i in layer] + [_packed_weight(m.vocab, m.hidden)]
+
+
+def _inputs(ws, rows: int) -> dict:
+    import torch
+    return {n: torch.randn(rows, n) for n in {w.shape[1] for w in ws}}
+
+
+def _stream(ws, xs: dict) -> None:
+    """One product per weight, as a decode step runs them (`xs`: an input per input width)."""
+    from raypp.model import ops
+    for w in ws:
+        ops.linear(xs[w.shape[1]], w)
+
+
+def _gemv_rate(seconds: float) -> float:
+    """Bytes/s of back-to-back one-row passes over the decode stack for `seconds`."""
+    ws = _decode_stack()
+    nbytes, xs = sum(w.numel() * 4 for w in ws), _inputs(ws, 1)
+    _stream(ws, xs)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        _stream(ws, xs)
+        n += 1
+    return n * nbytes / (time.perf_counter() - t0)
+
+
+def _bus_worker(start, out, key: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    _gemv_rate(0.5)                # warm: pack, page in, build the kernel
+    start.wait()
+    out[key] = _gemv_rate(3.0)
+
+
+def probe_host_streams(workers: int = 2) -> float:
+    """Summed one-row rate of `workers` processes at once, in units of one process alone."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    rates = []
+    with ctx.Manager() as m:
+        for n in (1, workers):
+            out, start = m.dict(), ctx.Barrier(n)
+            ps = [ctx.Process(target=_bus_worker, args=(start, out, i)) for i in range(n)]
+            for p in ps:
+                p.start()
+            for p in ps:
+                p.join()
+            rates.append(sum(out.values()))
+    return rates[1] / rates[0]
+
+
+def probe(threads: int = 1) -> CpuProbe:
+    import torch
+
+    from raypp.model import ops
+    from kernels import cpu_linear
+
     torch.set_num_threads(threads)
-    w, v = torch.randn(8192, 8192), torch.randn(1, 8192)
-    res = {"gemv_bytes_per_s": w.numel() * 4 / _best(lambda: v @ w)}
-    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
-        res[f"{name}_flops"] = 2 * 2048 ** 3 / _best(lambda: a @ b, 3 if name == "fp32" else 1)
+    with torch.inference_mode():
+        flops = {}
+        for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            a, b = torch.randn(2048, 2048, dtype=dt), _packed_weight(2048, 2048, dt)
+            ops.linear(a, b)
+            flops[name] = 2 * 2048 ** 3 / _best(lambda: ops.linear(a, b), 3 if name == "fp32" else 1)
+        ws = _decode_stack()
+        nbytes, one = sum(w.numel() * 4 for w in ws), _inputs(ws, 1)
+        _stream(ws, one)
+        # T(r) = (1 + pack) x weights + r x FLOPs of one row: the CPU sums them (overlap 0), so the
+        # bandwidth is the weights' bytes over the one-row time less its FLOPs
+        t_row = 2 * nbytes / 4 / flops["fp32"]
+        weights = _best(lambda: _stream(ws, one)) - t_row
+        bw = nbytes / weights
+        packs = sorted((_best(lambda xs=_inputs(ws, r): _stream(ws, xs)) - r * t_row) / weights - 1.0
+                       for r in _PACK_ROWS)
+        overhead = _layer_overhead(bw)
+    return CpuProbe(bw, flops["fp32"], flops["bf16"], packs[len(packs) // 2], probe_host_streams(),
+                    overhead, cpu_linear.packed_of(ws[0]) is not None)
+
+
+def _layer_overhead(bw: float) -> float:
+    """Seconds one decode layer of the `tiny` shape takes at batch 1 beyond reading its weights."""
+    import torch
+
+    from raypp.model import ops
     h, nh, nkv, hd, inter = 256, 16, 8, 16, 768
-    ws = [torch.randn(h, nh * hd), torch.randn(h, nkv * hd), torch.randn(h, nkv * hd), torch.randn(nh * hd, h),
-          torch.randn(h, inter), torch.randn(h, inter), torch.randn(inter, h)]
+    ws = [_packed_weight(nh * hd, h), _packed_weight(nkv * hd, h), _packed_weight(nkv * hd, h),
+          _packed_weight(h, nh * hd), _packed_weight(inter, h), _packed_weight(inter, h), _packed_weight(h, inter)]
+    norm = torch.ones(h)
     k_cache, v_cache = torch.randn(1, nh, 64, hd), torch.randn(1, nh, 64, hd)
 
-    def rms(x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-
     def layer(x):
-        y = rms(x)
-        q = (y @ ws[0]).view(1, 1, nh, hd).transpose(1, 2)
-        _k, _v = y @ ws[1], y @ ws[2]
+        y = ops.rms_norm(x, norm, 1e-6)
+        q = ops.linear(y, ws[0]).view(1, 1, nh, hd).transpose(1, 2)
+        _k, _v = ops.linear(y, ws[1]), ops.linear(y, ws[2])
         a = torch.nn.functional.scaled_dot_product_attention(q, k_cache, v_cache)
-        x = x + a.transpose(1, 2).reshape(1, 1, nh * hd) @ ws[3]
-        y = rms(x)
-        return x + (torch.nn.functional.silu(y @ ws[4]) * (y @ ws[5])) @ ws[6]
+        x = x + ops.linear(a.transpose(1, 2).reshape(1, nh * hd), ws[3])
+        y = ops.rms_norm(x, norm, 1e-6)
+        return x + ops.linear(torch.nn.functional.silu(ops.linear(y, ws[4])) * ops.linear(y, ws[5]), ws[6])
 
-    x = torch.randn(1, 1, h)
-    with torch.inference_mode():
-        for _ in range(20):
-            layer(x)
-        t_layer = _best(lambda: layer(x), 50)
-    res["layer_overhead_s"] = t_layer - sum(t.numel() * 4 for t in ws) / res["gemv_bytes_per_s"]
-    return res
-
+    x = torch.randn(1, h)
+    for _ in range(20):
+        layer(x)
+    return _best(lambda: layer(x), 50) - sum(t.numel() * 4 for t in ws) / bw
 
 
 def _gloo_worker(rank: int, port: int, out) -> None:
@@ -95,7 +206,9 @@ def probe_gloo(port: int = 29533) -> dict[int, float]:
 
 
 if __name__ == "__main__":
-    for key, value in probe(int(sys.argv[1]) if len(sys.argv) > 1 else 1).items():
-        print(f"{key}: {value:.4g}")
+    res = probe(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
+    for f in fields(res):
+        value = getattr(res, f.name)
+        print(f"{f.name}: {value:.4g}" if isinstance(value, float) else f"{f.name}: {value}")
     for nbytes, secs in probe_gloo().items():
         print(f"gloo all-reduce {nbytes} B: {secs * 1e6:.0f} us")

@@ -11,7 +11,7 @@ minimise the worst |log(predicted / measured)| over every stage and phase:
                      prefill forwards mixed in the proportions the phase ran them
   call per step      the stage's idle time per step: the runtime's fixed cost of starting a
                      forward (raypp: a Ray actor call), read directly
-  comm per step      TP all-reduces + the send to the next stage, fitted as eta_link
+  comm per step      TP all-reduces + the send to the next stage, fitted as eta_link where TP > 1
   wall clock         tokens / wall clock of each phase: the per-hop cost of the pipeline
                      (PP > 1) and what the driver adds to each step (the per-step cost), which
                      no stage's busy time holds
@@ -52,6 +52,16 @@ class Phase:
     wall_s: float
     idle_s: list[float]            # per stage: nothing queued (the runtime starting the next call)
     prefill_chunk: int = 512       # the deployment's token budget per forward (raypp's default)
+
+
+def merge(phases: list[Phase]) -> Phase:
+    """Repeated runs of one load as one phase: their totals summed, their bubble ratios averaged."""
+    first = phases[0]
+    total = lambda name: [sum(x) for x in zip(*(getattr(ph, name) for ph in phases))]
+    return replace(first, prefills=sum(ph.prefills for ph in phases), steps=total("steps"),
+                   compute_s=total("compute_s"), comm_s=total("comm_s"), idle_s=total("idle_s"),
+                   bubble_ratio=[x / len(phases) for x in total("bubble_ratio")],
+                   tokens=sum(ph.tokens for ph in phases), wall_s=sum(ph.wall_s for ph in phases))
 
 
 @dataclass(frozen=True)
@@ -147,15 +157,17 @@ def fit(model: ModelSpec, layout: Layout, cluster: Cluster, phases: list[Phase],
     # factors fixed, then those refitted once.
     streams = {min(min(ph.micro_batches, layout.pp) * layout.tp, cluster.gpus_per_node) for ph in phases}
     if len(streams | {1}) > 1:
-        best = f.closest([(f.compute_error(e), e) for e in (replace(best, host_streams=h)
-                                                            for h in (0.0, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0))])
+        candidates = sorted({best.host_streams, 0.0, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0})  # the catalog's among them
+        best = f.closest([(f.compute_error(e), e) for e in (replace(best, host_streams=h) for h in candidates)])
         best = f.refine(f.compute_grid(best))
     # A stage idles between forwards while the runtime starts its next call: read, not searched.
     calls = [ph.idle_s[s] / ph.steps[s] for ph in phases for s in range(len(ph.steps))
              if ph.steps[s] > 0 and ph.idle_s[s] > 0]
     if calls:
         best = replace(best, call_overhead=statistics.median(calls))
-    if layout.world_size > 1:
+    # A TP group's all-reduces show the link; a pipeline's sends alone are posted asynchronously, and
+    # their measured time is the posting, not the transfer (its latency is in the per-hop cost).
+    if layout.tp > 1:
         best = replace(best, link=min(_geom(0.05, 4.0, 40), key=lambda e: _worst(
             rows(model, layout, f.cluster_with(replace(best, link=e)), phases, dtype), "comm")))
     return f.wall_clock(best)
@@ -184,9 +196,11 @@ class _Fit:
         return min((eff for err, eff in scored if err <= best_err + tolerance), key=lambda e: _distance(e, self.base))
 
     def compute_grid(self, start: Efficiency) -> Efficiency:
-        bws = _geom(0.05, 2.0, 16) if self.one_row else [self.base.bw]
+        # fractions of the peak: at most 1 (on the CPU the peaks are cpu_probe's rates on the model's own
+        # products; above them the fit only trades bandwidth against per-step costs)
+        bws = _geom(0.05, 1.0, 14) if self.one_row else [self.base.bw]
         packs = (0.0, 0.5, 1.0, 1.5, 2.0) if self.one_row else (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
-        grid = itertools.product(bws, _geom(0.5, 2.0, 5), packs, _geom(5e-6, 2e-3, 8), _geom(5e-6, 2e-3, 6),
+        grid = itertools.product(bws, _geom(0.25, 1.0, 5), packs, _geom(5e-6, 2e-3, 8), _geom(5e-6, 2e-3, 6),
                                  [0.0] + _geom(1e-5, 2e-2, 7))
         effs = (replace(start, bw=bw, flops16=flops, pack_passes=pack, layer_overhead_decode=dec,
                         layer_overhead_prefill=pre, step_overhead=step) for bw, flops, pack, dec, pre, step in grid)
@@ -205,6 +219,8 @@ class _Fit:
                 improved = False
                 for n, r in itertools.product(names, (ratio, 1 / ratio)):
                     cand = replace(eff, **{n: getattr(eff, n) * r})
+                    if cand.bw > 1.0 or cand.flops16 > 1.0:
+                        continue
                     if (e := self.compute_error(cand)) < err - 1e-4:
                         eff, err, improved = cand, e, True
         return eff

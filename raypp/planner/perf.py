@@ -24,6 +24,8 @@ decode step costs its weight reading *plus* its FLOPs):
                   + the ids' link time.  Latency, not stage occupancy
   host bus        workers of one host that stream at once share its memory bus: each gets
                   host_streams / n of one's bandwidth (CPU; GPUs have their own HBM)
+  host cores      more workers computing at once than the host has cores: time-sliced, each
+                  forward (kernels and all-reduces) takes n / host_cores as long (CPU)
 The eta's and overheads are fitted to published measurements (calibration.py) or to a
 live deployment (live_fit.py).
 
@@ -126,8 +128,11 @@ def stage_forward(shape: StageShape, stage: int, layout: Layout, cluster: Cluste
     `active_stages` stages of the replica run at once (they may share a host's memory bus)."""
     dev = cluster.device
     eff = dev.efficiency
-    streaming = min(active_stages * layout.tp, cluster.gpus_per_node)
+    running = min(active_stages * layout.tp, cluster.gpus_per_node)     # workers of one host computing at once
+    streaming = min(running, eff.host_cores) if eff.host_cores > 0 else running
     share = min(1.0, eff.host_streams / streaming) if eff.host_streams > 0 else 1.0
+    # more workers than cores: each gets its core a share of the time (compute and all-reduce wait alike)
+    sliced = max(1.0, running / eff.host_cores) if eff.host_cores > 0 else 1.0
     bw = dev.bandwidth * eff.bw * share
     peak, f_eff = _peak(dev, wl.dtype)
     tokens = seqs * new_tokens
@@ -150,7 +155,7 @@ def stage_forward(shape: StageShape, stage: int, layout: Layout, cluster: Cluste
     last = stage == layout.pp - 1
     # the last stage returns sampled token ids only
     t_send = 0.0 if last else send_time(act, send_link(layout, stage, cluster), eff.link)
-    return StageTime(t_lin + t_head + t_attn + overhead, t_ar, t_send, eff.call_overhead)
+    return StageTime(sliced * (t_lin + t_head + t_attn + overhead), sliced * t_ar, t_send, eff.call_overhead)
 
 
 @dataclass(frozen=True)
