@@ -57,32 +57,42 @@ def _packed_weight(out_features: int, in_features: int, dtype=None):
     return w
 
 
-def _decode_stack():
-    """The linear weights of `small` as its model holds them, in the order a decode step reads them."""
+def _decode_stack() -> list[tuple]:
+    """The linear weights of `small` as its model holds them, in the order a decode step reads them,
+    grouped as the model multiplies them: one weight per product, the MLP's gate and up in one
+    (`ops.swiglu`, the SiLU and the product as oneDNN post-ops)."""
     from raypp.planner.models import PRESETS
     m = PRESETS["small"]
-    layer = [(m.heads * m.hd, m.hidden), (m.kv_heads * m.hd, m.hidden), (m.kv_heads * m.hd, m.hidden),
-             (m.hidden, m.heads * m.hd), (m.intermediate, m.hidden), (m.intermediate, m.hidden),
-             (m.hidden, m.intermediate)]
-    return [_packed_weight(o, i) for _ in range(m.layers) for o, i in layer] + [_packed_weight(m.vocab, m.hidden)]
+    layer = [[(m.heads * m.hd, m.hidden)], [(m.kv_heads * m.hd, m.hidden)], [(m.kv_heads * m.hd, m.hidden)],
+             [(m.hidden, m.heads * m.hd)], [(m.intermediate, m.hidden), (m.intermediate, m.hidden)],
+             [(m.hidden, m.intermediate)]]
+    return ([tuple(_packed_weight(o, i) for o, i in product) for _ in range(m.layers) for product in layer]
+            + [(_packed_weight(m.vocab, m.hidden),)])
 
 
-def _inputs(ws, rows: int) -> dict:
+def _bytes(stack) -> int:
+    return sum(w.numel() * 4 for ws in stack for w in ws)
+
+
+def _inputs(stack, rows: int) -> dict:
     import torch
-    return {n: torch.randn(rows, n) for n in {w.shape[1] for w in ws}}
+    return {n: torch.randn(rows, n) for n in {ws[0].shape[1] for ws in stack}}
 
 
-def _stream(ws, xs: dict) -> None:
-    """One product per weight, as a decode step runs them (`xs`: an input per input width)."""
+def _stream(stack, xs: dict) -> None:
+    """Every product of a decode step, back to back (`xs`: an input per input width)."""
     from raypp.model import ops
-    for w in ws:
-        ops.linear(xs[w.shape[1]], w)
+    for ws in stack:
+        if len(ws) == 2:
+            ops.swiglu(xs[ws[0].shape[1]], *ws)
+        else:
+            ops.linear(xs[ws[0].shape[1]], ws[0])
 
 
 def _gemv_rate(seconds: float) -> float:
     """Bytes/s of back-to-back one-row passes over the decode stack for `seconds`."""
     ws = _decode_stack()
-    nbytes, xs = sum(w.numel() * 4 for w in ws), _inputs(ws, 1)
+    nbytes, xs = _bytes(ws), _inputs(ws, 1)
     _stream(ws, xs)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -132,7 +142,7 @@ def probe(threads: int = 1) -> CpuProbe:
             ops.linear(a, b)
             flops[name] = 2 * 2048 ** 3 / _best(lambda: ops.linear(a, b), 3 if name == "fp32" else 1)
         ws = _decode_stack()
-        nbytes, one = sum(w.numel() * 4 for w in ws), _inputs(ws, 1)
+        nbytes, one = _bytes(ws), _inputs(ws, 1)
         _stream(ws, one)
         # T(r) = (1 + pack) x weights + r x FLOPs of one row: the CPU sums them (overlap 0), so the
         # bandwidth is the weights' bytes over the one-row time less its FLOPs
@@ -143,7 +153,7 @@ def probe(threads: int = 1) -> CpuProbe:
                        for r in _PACK_ROWS)
         overhead = _layer_overhead(bw)
     return CpuProbe(bw, flops["fp32"], flops["bf16"], packs[len(packs) // 2], probe_host_streams(),
-                    overhead, cpu_linear.packed_of(ws[0]) is not None)
+                    overhead, cpu_linear.packed_of(ws[0][0]) is not None)
 
 
 def _layer_overhead(bw: float) -> float:
@@ -164,7 +174,7 @@ def _layer_overhead(bw: float) -> float:
         a = torch.nn.functional.scaled_dot_product_attention(q, k_cache, v_cache)
         x = x + ops.linear(a.transpose(1, 2).reshape(1, nh * hd), ws[3])
         y = ops.rms_norm(x, norm, 1e-6)
-        return x + ops.linear(torch.nn.functional.silu(ops.linear(y, ws[4])) * ops.linear(y, ws[5]), ws[6])
+        return x + ops.linear(ops.swiglu(y, ws[4], ws[5]), ws[6])
 
     x = torch.randn(1, h)
     for _ in range(20):

@@ -99,8 +99,8 @@ LINKS: dict[str, Link] = {l.name: l for l in [
     Link("ib-hdr", "network", 25 * GB, 20e-6, "InfiniBand HDR 200 Gb/s per port, one port per GPU (DGX A100 design)"),
     Link("eth-400g", "network", 50 * GB, 30e-6, "400 GbE (RoCE) per GPU: 400 Gb/s = 50 GB/s"),
     Link("eth-100g", "network", 12.5 * GB, 40e-6, "100 GbE per node shared by its GPUs: 100 Gb/s = 12.5 GB/s"),
-    Link("gloo-loopback", "loopback", 1.65 * GB, 0.29e-3,
-         "measured here: gloo all-reduce between 2 processes, 1 KiB -> 0.27-0.31 ms, 4 MiB -> 2.6-4.6 ms "
+    Link("gloo-loopback", "loopback", 1.47 * GB, 0.31e-3,
+         "measured here: gloo all-reduce between 2 processes, 1 KiB -> 0.31-0.36 ms, 4 MiB -> 3.2-4.5 ms "
          "(median of 30, quiet 2-core VM, 3 runs; see cpu_probe.py)"),
     # raypp's CPU TP ranks on one host all-reduce through shared memory (parallel/shm_allreduce.py).
     Link("shm-loopback", "loopback", 6.2 * GB, 85e-6,
@@ -115,7 +115,7 @@ _H100 = "NVIDIA H100 Tensor Core GPU datasheet (nvidia.com, 2023)"
 # entry are the measured rates, so the fractions are 1.
 CPU_PROBED = Efficiency(bw=1.0, flops16=1.0, flops8=1.0, link=1.0,
                         # cpu_probe: a `tiny` decode layer through raypp's CPU ops, beyond its bytes
-                        layer_overhead_prefill=64e-6, layer_overhead_decode=64e-6,
+                        layer_overhead_prefill=60e-6, layer_overhead_decode=60e-6,
                         step_overhead=0.44e-3,   # ray_call_cost.json: the driver's CPU per step over the step socket
                         # a decode step of `small` is weights + b x FLOPs (48 / 29 / 21 ms at b = 32 / 16 / 8):
                         # the CPU does not hide one behind the other; weights packed once at load time
@@ -124,17 +124,18 @@ CPU_PROBED = Efficiency(bw=1.0, flops16=1.0, flops8=1.0, link=1.0,
                         call_overhead=0.08e-3,   # ray_call_cost.json: a step's round trip over the step socket
                         hop_overhead=0.6e-3,     # pipeline_fill_onednn: a result reaches the driver 0.6 ms after
                                                  # the last stage ends
-                        host_streams=1.285,      # cpu_probe: two one-row streams at once move 1.19-1.42x one's bytes (median)
+                        host_streams=1.283,      # cpu_probe: two one-row streams at once move 1.13-1.34x one's bytes (median)
                         host_cores=2)
 # What `live_fit.fit` makes of raypp's own measured runs, starting from CPU_PROBED: the calibration
 # phases recorded in benchmarks/results/planner_vs_measured.json (TP2 of `small`, loads 1, 4, 16, three
 # rounds; `python -m raypp.planner.cpu_fit`, and tests/test_planner_perf.py refits them).  The runs move
-# the FLOP rate of serving's product mix (0.71 of the 2048-row peak), the per-layer and per-step costs
-# (the driver's turnaround, Ray and the workers sharing two cores), the call cost (a stage's idle time
-# per step) and the all-reduce (0.22 of the quiet 2-rank rate: ranks wait for each other); bw stays at
-# the probe's one-row rate (the fit's ceiling).  No PP in the calibration: the hop cost is CPU_PROBED's.
+# the FLOP rate of serving's product mix (0.71 of the 2048-row peak), the per-layer costs, the per-step
+# cost (0.43 ms: the driver's CPU per step that ray_call_cost measured, 0.44), the call cost (a stage's
+# idle time per step) and the all-reduce (0.22 of the quiet 2-rank rate: ranks wait for each other);
+# bw stays at the probe's one-row rate (the fit's ceiling).  No PP in the calibration: the hop cost is
+# CPU_PROBED's.
 _CPU_EFF = replace(CPU_PROBED, flops16=0.7071, link=0.2154, layer_overhead_prefill=54.93e-6,
-                   layer_overhead_decode=111.6e-6, step_overhead=2.104e-3, call_overhead=0.46e-3)
+                   layer_overhead_decode=27.7e-6, step_overhead=0.4332e-3, call_overhead=0.4323e-3)
 
 DEVICES: dict[str, Device] = {d.name: d for d in [
     Device("a100-sxm-40gb", 40 * GB, 1555 * GB, {"bf16": 312 * T, "fp16": 312 * T, "fp32": 19.5 * T},
@@ -163,10 +164,10 @@ DEVICES: dict[str, Device] = {d.name: d for d in [
     # raypp's own CPU runs: one worker = one core of this 2-core AMD EPYC VM.
     # Measured with raypp.planner.cpu_probe (torch 2.13, 1 thread, best of 5; median of 3 runs on a quiet
     # machine), every product through raypp.model.ops.linear on weights packed for oneDNN as the model
-    # holds them: one row through the linear layers of `small` (390 MB) 35.3 GB/s, its FLOPs taken out;
-    # 2048-row products 251 GFLOP/s fp32, 474 bf16.
+    # holds them (the MLP's gate and up through ops.swiglu): one row through the linear layers of `small`
+    # (390 MB) 33.3 GB/s, its FLOPs taken out; 2048-row products 243 GFLOP/s fp32, 442 bf16.
     # Memory: 23 GB of RAM on the VM, ~10 GB per worker once the OS and Ray take theirs.
-    Device("cpu-epyc-2core", 10 * GB, 35.3 * GB, {"fp32": 251e9, "bf16": 474e9},
+    Device("cpu-epyc-2core", 10 * GB, 33.3 * GB, {"fp32": 243e9, "bf16": 442e9},
            "shm-loopback", "gloo-loopback", "measured on this machine, see cpu_probe.py and docs/planner.md",
            kind="cpu", efficiency=_CPU_EFF, aliases=("cpu",)),
 ]}
