@@ -1,4 +1,5 @@
-"""raypp's CPU kernels (kernels/cpu.cpp), loaded into torch as torch.ops.raypp_cpu.*.
+"""raypp's CPU kernels (kernels/cpu.cpp, with cpu_attention.h and cpu_math.h), loaded into
+torch as torch.ops.raypp_cpu.*.
 
 | here                      | reference                                   |
 |---------------------------|---------------------------------------------|
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
+HEADERS = [Path(__file__).with_name(name) for name in ("cpu_math.h", "cpu_attention.h")]
 _loaded: bool | None = None
 
 
@@ -75,7 +77,8 @@ def build(cxx: str | None = None, cache_dir: Path | None = None) -> Path | None:
              "-std=c++20", "-DNDEBUG", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
              f"-I{inc}", f"-I{inc / 'torch' / 'csrc' / 'api' / 'include'}"]
     link = [f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}"]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, *flags, torch.__version__, _cpu_id()]).encode())
+    sources = [SOURCE.read_text(), *(h.read_text() for h in HEADERS)]
+    key = hashlib.sha256("\0".join([*sources, cxx, *flags, torch.__version__, _cpu_id()]).encode())
     cache = cache_dir or _cache_dir()
     lib = cache / f"raypp_cpu_{key.hexdigest()[:16]}.so"
     with open(cache / "build.lock", "w") as lock:

@@ -76,6 +76,20 @@ def test_paged_decode_attention(lens, q_heads, kv_heads, head_dim, block_size, d
     assert_close(cpu.paged_decode_attention(*args), paged_attention.paged_decode_attention_ref(*args), dtype)
 
 
+def same_on_one_and_two_threads(kernel, args):
+    """kernel(*args) on one thread, after asserting it equals the two-thread result bit for bit."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernel(*args)
+        torch.set_num_threads(2)
+        two = kernel(*args)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    return one
+
+
 @pytest.mark.parametrize("lens", [[70, 3, 130, 64], [130]])
 def test_paged_decode_attention_same_on_one_and_two_threads(lens):
     """Rows fewer than twice the threads are split by kv heads too (batch 1: 2 parts on one
@@ -83,15 +97,7 @@ def test_paged_decode_attention_same_on_one_and_two_threads(lens):
     k, v, tables = paged_cache(lens, 8, 32, 16, torch.float32, seed=5)
     q = rand(len(lens), 16, 32, seed=6)
     args = (q, k, v, tables, torch.tensor(lens, dtype=torch.int32), max(lens), 16, 32 ** -0.5)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = cpu.paged_decode_attention(*args)
-        torch.set_num_threads(2)
-        two = cpu.paged_decode_attention(*args)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(one, two)
+    one = same_on_one_and_two_threads(cpu.paged_decode_attention, args)
     assert_close(one, paged_attention.paged_decode_attention_ref(*args), torch.float32)
 
 
@@ -147,15 +153,7 @@ def test_prefill_chunks_same_on_one_and_two_threads():
     meta = AttentionMetadata.build([70], [100], tables.tolist(), 16)
     q = rand(70, 4, 32, seed=9)
     args = (q, k, v, meta.tables, meta.seq_lens, meta.query_starts, 16, 32 ** -0.5)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = cpu.paged_attention(*args)
-        torch.set_num_threads(2)
-        two = cpu.paged_attention(*args)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(one, two)
+    one = same_on_one_and_two_threads(cpu.paged_attention, args)
     p = meta.prefills[0]
     assert_close(one, paged_attention.paged_prefill_attention_ref(q, k, v, p.slots, p.mask, 32 ** -0.5), torch.float32)
 
