@@ -17,6 +17,20 @@
 
 namespace {
 
+// The raw pointers and strides both attention walks index with.
+template <typename T>
+struct Operands {
+  Operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+           const at::Tensor& tables)
+      : qp(q.data_ptr<T>()), kp(k.data_ptr<T>()), vp(v.data_ptr<T>()), op(out.data_ptr<T>()),
+        tp(tables.data_ptr<int32_t>()), qs0(q.stride(0)), qs1(q.stride(1)), ks0(k.stride(0)), ks1(k.stride(1)),
+        vs0(v.stride(0)), vs1(v.stride(1)), os0(out.stride(0)), os1(out.stride(1)), ts0(tables.stride(0)) {}
+  const T *qp, *kp, *vp;
+  T* op;
+  const int32_t* tp;
+  int64_t qs0, qs1, ks0, ks1, vs0, vs1, os0, os1, ts0;
+};
+
 // Decode rows: row[i] of q attends to the first ctx[i] tokens of sequence seq[i].  This walk
 // is bound by memory, not arithmetic: each K/V row is read once, for one query.  A work item
 // is a row and a range of its kv heads (the whole row unless rows are fewer than threads): each context
@@ -33,29 +47,24 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const int64_t group = q_heads / kv_heads;
   const int64_t parts = std::clamp<int64_t>((2 * at::get_num_threads() + rows - 1) / std::max<int64_t>(rows, 1),
                                             1, kv_heads);
-  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  const int32_t* tp = tables.data_ptr<int32_t>();
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1);
-  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), os0 = out.stride(0), os1 = out.stride(1);
-  const int64_t ts0 = tables.stride(0);
+  const Operands<T> o(q, k, v, out, tables);
   at::parallel_for(0, rows * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(q_heads * dim), acc(q_heads * dim), inv(q_heads), scores;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t i = item / parts, t = row[i], part = item % parts, n = ctx[i];
       const int64_t h0 = part * kv_heads / parts, h1 = (part + 1) * kv_heads / parts, nh = (h1 - h0) * group;
-      const int32_t* table = tp + seq[i] * ts0;
+      const int32_t* table = o.tp + seq[i] * o.ts0;
       scores.resize(nh * n);
       for (int64_t h = 0; h < nh; ++h) {
-        const T* qrow = qp + t * qs0 + (h0 * group + h) * qs1;
+        const T* qrow = o.qp + t * o.qs0 + (h0 * group + h) * o.qs1;
         for (int64_t d = 0; d < dim; ++d) qf[h * dim + d] = static_cast<float>(qrow[d]) * static_cast<float>(scale);
       }
       // Pass 1: scores, a block of the table at a time (one table read per block).
       for (int64_t j0 = 0; j0 < n; j0 += block_size) {
         const int64_t base = static_cast<int64_t>(table[j0 / block_size]) * block_size;
         for (int64_t j = j0; j < std::min(j0 + block_size, n); ++j) {
-          const T* kslot = kp + (base + j - j0) * ks0;
-          for (int64_t h = 0; h < nh; ++h) scores[h * n + j] = dot(&qf[h * dim], kslot + (h0 + h / group) * ks1, dim);
+          const T* kslot = o.kp + (base + j - j0) * o.ks0;
+          for (int64_t h = 0; h < nh; ++h) scores[h * n + j] = dot(&qf[h * dim], kslot + (h0 + h / group) * o.ks1, dim);
         }
       }
       for (int64_t h = 0; h < nh; ++h) inv[h] = softmax(&scores[h * n], n);
@@ -64,12 +73,12 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       for (int64_t j0 = 0; j0 < n; j0 += block_size) {
         const int64_t base = static_cast<int64_t>(table[j0 / block_size]) * block_size;
         for (int64_t j = j0; j < std::min(j0 + block_size, n); ++j) {
-          const T* vslot = vp + (base + j - j0) * vs0;
-          for (int64_t h = 0; h < nh; ++h) axpy(&acc[h * dim], scores[h * n + j], vslot + (h0 + h / group) * vs1, dim);
+          const T* vslot = o.vp + (base + j - j0) * o.vs0;
+          for (int64_t h = 0; h < nh; ++h) axpy(&acc[h * dim], scores[h * n + j], vslot + (h0 + h / group) * o.vs1, dim);
         }
       }
       for (int64_t h = 0; h < nh; ++h) {
-        T* orow = op + t * os0 + (h0 * group + h) * os1;
+        T* orow = o.op + t * o.os0 + (h0 * group + h) * o.os1;
         for (int64_t d = 0; d < dim; ++d) orow[d] = static_cast<T>(acc[h * dim + d] * inv[h]);
       }
     }
@@ -109,18 +118,13 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         items.push_back({c, g, p * row_tiles / parts * kQueryTile,
                          std::min(chunks[c].rows, (p + 1) * row_tiles / parts * kQueryTile)});
   }
-  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  const int32_t* tp = tables.data_ptr<int32_t>();
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1);
-  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), os0 = out.stride(0), os1 = out.stride(1);
-  const int64_t ts0 = tables.stride(0);
+  const Operands<T> o(q, k, v, out, tables);
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf, acc, inv, scores, kt;
     for (int64_t it = begin; it < end; ++it) {
       const Chunk& c = chunks[items[it].chunk];
       const int64_t g = items[it].head, before = c.ctx - c.rows;  // cached tokens ahead of the chunk
-      const int32_t* table = tp + c.seq * ts0;
+      const int32_t* table = o.tp + c.seq * o.ts0;
       auto slot = [&](int64_t j) { return static_cast<int64_t>(table[j / block_size]) * block_size + j % block_size; };
       const int64_t keys = before + items[it].row_end;  // what the item's last row sees
       kt.resize((keys + kKeyTile - 1) / kKeyTile * kKeyTile * dim);
@@ -128,7 +132,7 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         float* tile = &kt[j0 * dim];
         for (int64_t jj = 0; jj < kKeyTile; ++jj) {
           if (j0 + jj < keys) {
-            const T* krow = kp + slot(j0 + jj) * ks0 + g * ks1;
+            const T* krow = o.kp + slot(j0 + jj) * o.ks0 + g * o.ks1;
             for (int64_t d = 0; d < dim; ++d) tile[d * kKeyTile + jj] = static_cast<float>(krow[d]);
           } else {
             for (int64_t d = 0; d < dim; ++d) tile[d * kKeyTile + jj] = 0.f;
@@ -141,7 +145,7 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         // Query vector u = i * group + h: row r0 + i of the chunk, head g * group + h.
         qf.resize(nv * dim);
         for (int64_t u = 0; u < nv; ++u) {
-          const T* qrow = qp + (c.row0 + r0 + u / group) * qs0 + (g * group + u % group) * qs1;
+          const T* qrow = o.qp + (c.row0 + r0 + u / group) * o.qs0 + (g * group + u % group) * o.qs1;
           for (int64_t d = 0; d < dim; ++d) qf[u * dim + d] = static_cast<float>(qrow[d]) * static_cast<float>(scale);
         }
         scores.resize(nv * n);
@@ -181,12 +185,12 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         for (int64_t u = 0; u < nv; ++u) inv[u] = softmax(&scores[u * n], first + u / group);
         acc.assign(nv * dim, 0.f);
         for (int64_t j = 0; j < n; ++j) {
-          const T* vrow = vp + slot(j) * vs0 + g * vs1;
+          const T* vrow = o.vp + slot(j) * o.vs0 + g * o.vs1;
           for (int64_t u = std::max<int64_t>(0, j - first + 1) * group; u < nv; ++u)
             axpy(&acc[u * dim], scores[u * n + j], vrow, dim);
         }
         for (int64_t u = 0; u < nv; ++u) {
-          T* orow = op + (c.row0 + r0 + u / group) * os0 + (g * group + u % group) * os1;
+          T* orow = o.op + (c.row0 + r0 + u / group) * o.os0 + (g * group + u % group) * o.os1;
           for (int64_t d = 0; d < dim; ++d) orow[d] = static_cast<T>(acc[u * dim + d] * inv[u]);
         }
       }
