@@ -73,8 +73,9 @@ def build(cxx: str | None = None, cache_dir: Path | None = None) -> Path | None:
     # know this host's Zen 5 and tunes generically for 256-bit vectors, where 512 measured 10-15%
     # faster attention (no effect on CPUs without AVX-512); -fopenmp is
     # what at::parallel_for's inline OpenMP path needs, and libgomp is the one torch has loaded.
-    flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared",
-             "-std=c++20", "-DNDEBUG", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+    flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-trapping-math", "-fno-math-errno",
+             "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-DNDEBUG",
+             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
              f"-I{inc}", f"-I{inc / 'torch' / 'csrc' / 'api' / 'include'}"]
     link = [f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}"]
     sources = [SOURCE.read_text(), *(h.read_text() for h in HEADERS)]
