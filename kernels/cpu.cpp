@@ -20,6 +20,7 @@
 
 #include "cpu_attention.h"
 #include "cpu_math.h"
+#include "cpu_panels.h"
 
 namespace {
 
@@ -154,6 +155,36 @@ at::Tensor rope_and_cache(const at::Tensor& q, const at::Tensor& k, const at::Te
   return out;
 }
 
+// fp32 weights packed for panels::product; w2 (w's shape) pairs gate with up.
+at::Tensor pack_panels(const at::Tensor& w, const std::optional<at::Tensor>& w2) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "pack_panels takes a 2-d fp32 weight");
+  TORCH_CHECK(!w2.has_value() || (w2->sizes() == w.sizes() && w2->scalar_type() == at::kFloat),
+              "the paired weight must match the first");
+  const at::Tensor a = w.contiguous(), b = w2.has_value() ? w2->contiguous() : at::Tensor();
+  const int64_t n = a.size(0), k = a.size(1), per = b.defined() ? panels::kWidth / 2 : panels::kWidth;
+  at::Tensor out = at::empty({(n + per - 1) / per, k, panels::kWidth}, a.options());
+  panels::pack(a.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, n, k, out.data_ptr<float>());
+  return out;
+}
+
+// x [M, K] (fp32) times a packed weight of n output rows; `swiglu` for a paired pack.
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias,
+                        bool swiglu) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && packed.dim() == 3 && packed.size(1) == x.size(1) &&
+                  packed.size(2) == panels::kWidth, "x [M, K] fp32 and panels [P, K, 32] must agree");
+  TORCH_CHECK(!bias.has_value() || (!swiglu && bias->numel() == n && bias->scalar_type() == at::kFloat),
+              "bias: n fp32 values, and none with swiglu");
+  const at::Tensor xc = x.contiguous(), pc = packed.contiguous();
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  if (x.size(0) > 0)
+    panels::product(xc.data_ptr<float>(), x.size(0), x.size(1), pc.data_ptr<float>(), pc.size(0),
+                    bc.defined() ? bc.data_ptr<float>() : nullptr, swiglu, n, y.data_ptr<float>());
+  return y;
+}
+
+bool panels_fast() { return panels::fast(); }
+
 }  // namespace
 
 TORCH_LIBRARY(raypp_cpu, m) {
@@ -163,6 +194,9 @@ TORCH_LIBRARY(raypp_cpu, m) {
   m.def("silu_and_mul(Tensor gate, Tensor up) -> Tensor");
   m.def("rope_and_cache(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, Tensor slots) -> Tensor");
+  m.def("pack_panels(Tensor w, Tensor? w2) -> Tensor");
+  m.def("panel_linear(Tensor x, Tensor packed, int n, Tensor? bias, bool swiglu) -> Tensor");
+  m.def("panels_fast() -> bool", &panels_fast);
 }
 
 TORCH_LIBRARY_IMPL(raypp_cpu, CPU, m) {
@@ -170,4 +204,6 @@ TORCH_LIBRARY_IMPL(raypp_cpu, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("rope_and_cache", &rope_and_cache);
+  m.impl("pack_panels", &pack_panels);
+  m.impl("panel_linear", &panel_linear);
 }

@@ -1,5 +1,5 @@
-"""raypp's CPU kernels (kernels/cpu.cpp, with cpu_attention.h and cpu_math.h), loaded into
-torch as torch.ops.raypp_cpu.*.
+"""raypp's CPU kernels (kernels/cpu.cpp, with cpu_attention.h, cpu_panels.h and cpu_math.h),
+loaded into torch as torch.ops.raypp_cpu.*.
 
 | here                      | reference                                   |
 |---------------------------|---------------------------------------------|
@@ -8,6 +8,7 @@ torch as torch.ops.raypp_cpu.*.
 | rms_norm, add_rms_norm    | rmsnorm.rms_norm_ref, add_rms_norm_ref      |
 | silu_and_mul              | activation.silu_and_mul_ref                 |
 | rope_and_cache            | rotary.rope_and_cache_ref                   |
+| panel_linear (+ swiglu)   | F.linear, activation.silu_and_mul_ref       |
 
 A C++ extension rather than torch.compile: it reads the paged cache in place without a
 compiler stack in the serving process, builds in seconds with nothing but g++ and torch's
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
-HEADERS = [Path(__file__).with_name(name) for name in ("cpu_math.h", "cpu_attention.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("cpu_math.h", "cpu_attention.h", "cpu_panels.h")]
 _loaded: bool | None = None
 
 
@@ -144,3 +145,14 @@ def silu_and_mul(gate, up):
 def rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots):
     """Rotates q and k, writes k and v into the caches at `slots` (int64); returns the rotated q."""
     return torch.ops.raypp_cpu.rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots)
+
+
+def pack_panels(weight, paired=None):
+    """fp32 weight [N, K] packed for `panel_linear`; `paired` (an up weight with a gate) packs both."""
+    return torch.ops.raypp_cpu.pack_panels(weight, paired)
+
+
+def panel_linear(x, panels, n: int, bias=None, swiglu: bool = False):
+    """x [M, K] @ W.T (+ bias) for W [n, K] packed by `pack_panels`; with a paired pack and
+    `swiglu`, silu(x @ gate.T) * (x @ up.T)."""
+    return torch.ops.raypp_cpu.panel_linear(x, panels, n, bias, swiglu)

@@ -235,7 +235,44 @@ def test_packed_linear_equals_f_linear(dtype, rows, out_features, in_features, b
     x, w = rand(rows, in_features, dtype=dtype, seed=31), rand(out_features, in_features, dtype=dtype, seed=32)
     b = rand(out_features, dtype=dtype, seed=33) if bias else None
     cpu_linear.pack(w)
-    assert_close(cpu_linear.linear(x, cpu_linear.packed_of(w), b), torch.nn.functional.linear(x, w, b), dtype)
+    assert_close(cpu_linear.linear(x, w, b), torch.nn.functional.linear(x, w, b), dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 12, 13, 25, 64])
+@pytest.mark.parametrize("out_features,in_features", [(40, 37), (96, 300), (17, 129)])
+def test_panel_products_equal_their_references(rows, out_features, in_features):
+    """The decode-sized products: partial panels (N not a multiple of 32, of 16 when paired),
+    K across prefetch blocks (128) or not a multiple of the vector, row tiles split unevenly."""
+    if not torch.ops.raypp_cpu.panels_fast():
+        pytest.skip("this build runs decode products on oneDNN (no AVX-512)")
+    x = rand(rows, in_features, seed=41) * 3
+    w, w2 = (rand(out_features, in_features, seed=s) for s in (42, 43))
+    b = rand(out_features, seed=44)
+    assert_close(cpu.panel_linear(x, cpu.pack_panels(w), out_features), torch.nn.functional.linear(x, w),
+                 torch.float32)
+    assert_close(cpu.panel_linear(x, cpu.pack_panels(w), out_features, b), torch.nn.functional.linear(x, w, b),
+                 torch.float32)
+    ref = activation.silu_and_mul_ref(torch.nn.functional.linear(x, w), torch.nn.functional.linear(x, w2))
+    assert_close(cpu.panel_linear(x, cpu.pack_panels(w, w2), out_features, swiglu=True), ref, torch.float32)
+    # a strided input (the attention output's reshape, a slice) reads the same values
+    wide = rand(rows, 2 * in_features, seed=45)
+    assert_close(cpu.panel_linear(wide[:, ::2], cpu.pack_panels(w), out_features),
+                 torch.nn.functional.linear(wide[:, ::2], w), torch.float32)
+
+
+def test_decode_products_take_the_panels_and_prefills_onednn(monkeypatch):
+    from kernels import cpu_linear
+    if not torch.ops.raypp_cpu.panels_fast():
+        pytest.skip("this build runs decode products on oneDNN (no AVX-512)")
+    w, gate, up = (rand(64, 48, seed=s) for s in (46, 47, 48))
+    cpu_linear.pack(w)
+    cpu_linear.pack_swiglu(gate, up)
+    calls = []
+    monkeypatch.setattr(cpu, "panel_linear", lambda *a, **k: calls.append(a[0].shape[0]) or torch.zeros(1))
+    for rows in (1, cpu_linear.PANEL_ROWS, cpu_linear.PANEL_ROWS + 1, 300):
+        cpu_linear.linear(rand(rows, 48), w, None)
+        cpu_linear.swiglu(rand(rows, 48), gate, up)
+    assert calls == [1, 1, cpu_linear.PANEL_ROWS, cpu_linear.PANEL_ROWS]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -248,8 +285,7 @@ def test_swiglu_products_equal_their_reference(dtype, rows):
     x = rand(rows, 96, dtype=dtype, seed=35) * 4  # * 4: SiLU's tails on both sides
     gate, up = rand(160, 96, dtype=dtype, seed=36), rand(160, 96, dtype=dtype, seed=37)
     ref = activation.silu_and_mul_ref(torch.nn.functional.linear(x, gate), torch.nn.functional.linear(x, up))
-    cpu_linear.pack(gate)
-    cpu_linear.pack(up)
+    cpu_linear.pack_swiglu(gate, up)
     assert_close(ops.swiglu(x, gate, up), ref, dtype)
     with ops.use("torch"):  # the reference route of the same call
         assert_close(ops.swiglu(x, gate, up), ref, dtype)

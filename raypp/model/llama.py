@@ -154,8 +154,12 @@ class Transformer(nn.Module):
             mlp.gate_up = fuse_linears(mlp.gate_proj, mlp.up_proj)
 
     def pack_linears(self) -> None:
-        """The CPU's products read weights packed once for oneDNN (ops.pack_linears)."""
-        ops.pack_linears([m.weight for m in self.modules() if isinstance(m, nn.Linear)])
+        """The CPU's products read weights packed once (ops.pack_linears); an MLP's gate and up
+        are packed together, for its SwiGLU."""
+        mlps = [m for m in self.modules() if isinstance(m, MLP)]
+        paired = {id(w) for m in mlps for w in (m.gate_proj.weight, m.up_proj.weight)}
+        ops.pack_linears([m.weight for m in self.modules() if isinstance(m, nn.Linear) and id(m.weight) not in paired],
+                         [(m.gate_proj.weight, m.up_proj.weight) for m in mlps])
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """x: token ids [T] (if this module embeds) or hidden states [T, d].

@@ -4,8 +4,9 @@ CUDA tensors go to the fused Triton kernels in `kernels/` (decode attention: Fla
 `flashinfer-python` is installed, else Triton).  CPU tensors go to the C++ kernels of
 `kernels/cpu.py` (paged attention read in place, fused RMSNorm + residual, SiLU-and-mul),
 which the host's compiler builds on first use; without a compiler, they get the torch
-references next to the kernels, which are also the ground truth in tests.  CPU products go
-to oneDNN with weights packed at load time (`kernels/cpu_linear.py`, `pack_linears`).
+references next to the kernels, which are also the ground truth in tests.  CPU products read
+weights packed at load time: raypp's panel kernel for decode-sized ones, oneDNN for larger
+(`kernels/cpu_linear.py`, `pack_linears`).
 RAYPP_KERNELS=torch|cpu|triton|flashinfer, or `use()` in tests, overrides the choice
 ("triton" on CPU tensors runs Triton's interpreter; "cpu" touches only CPU tensors).
 """
@@ -60,26 +61,29 @@ use_gemv = True
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if use_gemv and x.dim() == 2 and x.shape[0] == 1 and backend(x.device) == "triton":
         return gemv.gemv(x, weight, bias)
-    packed = cpu_linear.packed_of(weight)
     # oneDNN ships inside torch: unlike the C++ kernels it needs no compiler.
-    if packed is not None and _cpu_path(x.device):
-        return cpu_linear.linear(x, packed, bias)
+    if cpu_linear.packed_of(weight) is not None and _cpu_path(x.device):
+        return cpu_linear.linear(x, weight, bias)
     return gemv.gemv_ref(x, weight, bias)
 
 
 def swiglu(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor) -> torch.Tensor:
     """silu(x @ gate.T) * (x @ up.T), the MLP's input to its down projection."""
-    gate, up = cpu_linear.packed_of(gate_weight), cpu_linear.packed_of(up_weight)
-    if gate is not None and up is not None and _cpu_path(x.device):
-        return cpu_linear.swiglu(x, gate, up)
+    packed = cpu_linear.packed_of(gate_weight) is not None and cpu_linear.packed_of(up_weight) is not None
+    if packed and _cpu_path(x.device):
+        return cpu_linear.swiglu(x, gate_weight, up_weight)
     return silu_and_mul(linear(x, gate_weight), linear(x, up_weight))
 
 
-def pack_linears(weights: list[torch.Tensor]) -> None:
-    """Packs CPU weights for oneDNN (once, after loading), unless the torch path is forced."""
+def pack_linears(weights: list[torch.Tensor], swiglu_pairs: list[tuple] = ()) -> None:
+    """Packs CPU weights (once, after loading), unless the torch path is forced; each (gate, up)
+    of `swiglu_pairs` is packed for `swiglu`."""
     for w in weights:
         if _cpu_path(w.device) and cpu_linear.available(w.dtype):
             cpu_linear.pack(w)
+    for gate, up in swiglu_pairs:
+        if _cpu_path(gate.device) and cpu_linear.available(gate.dtype):
+            cpu_linear.pack_swiglu(gate, up)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

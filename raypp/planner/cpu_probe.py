@@ -66,8 +66,20 @@ def _decode_stack() -> list[tuple]:
     layer = [[(m.heads * m.hd, m.hidden)], [(m.kv_heads * m.hd, m.hidden)], [(m.kv_heads * m.hd, m.hidden)],
              [(m.hidden, m.heads * m.hd)], [(m.intermediate, m.hidden), (m.intermediate, m.hidden)],
              [(m.hidden, m.intermediate)]]
-    return ([tuple(_packed_weight(o, i) for o, i in product) for _ in range(m.layers) for product in layer]
+    return ([_packed_product(product) for _ in range(m.layers) for product in layer]
             + [(_packed_weight(m.vocab, m.hidden),)])
+
+
+def _packed_product(shapes: list[tuple]) -> tuple:
+    """One product's weights, packed as the model packs them (a pair: an MLP's gate and up)."""
+    import torch
+
+    from raypp.model import ops
+    if len(shapes) == 1:
+        return (_packed_weight(*shapes[0]),)
+    gate, up = (torch.randn(*shape) for shape in shapes)
+    ops.pack_linears([], [(gate, up)])
+    return gate, up
 
 
 def _bytes(stack) -> int:
