@@ -314,3 +314,15 @@ def test_products_run_at_few_row_counts_with_little_padding():
     sizes = {r: padded_rows(r) for r in range(1, 4097)}
     assert len(set(sizes.values())) == 31
     assert all(p >= r and (r <= 64 or p <= 1.25 * r) for r, p in sizes.items())
+
+
+def test_a_long_prefill_mlp_in_pieces_equals_it_whole():
+    from kernels import cpu_linear
+    if not cpu_linear.available(torch.float32):
+        pytest.skip("this torch build cannot pack fp32 weights for oneDNN")
+    x = rand(2 * ops.MLP_ROWS + 77, 64, seed=51)
+    gate, up, down = rand(96, 64, seed=52), rand(96, 64, seed=53), rand(64, 96, seed=54)
+    ops.pack_linears([down], [(gate, up)])
+    with ops.use("torch"):
+        ref = ops.mlp(x, gate, up, down)
+    assert_close(ops.mlp(x, gate, up, down), ref, torch.float32)

@@ -91,7 +91,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.gate_up is None:
-            return ops.linear(ops.swiglu(x, self.gate_proj.weight, self.up_proj.weight), self.down_proj.weight)
+            return ops.mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
         weight, _, sizes = self.gate_up
         gate, up = ops.linear(x, weight).split(sizes, dim=-1)
         return ops.linear(ops.silu_and_mul(gate, up), self.down_proj.weight)

@@ -75,6 +75,19 @@ def swiglu(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor) 
     return silu_and_mul(linear(x, gate_weight), linear(x, up_weight))
 
 
+# A CPU MLP runs a long prefill in pieces of this many rows, so that its [rows, intermediate]
+# activations stay in cache between the two products: on the peers' 160M checkpoint's MLP,
+# 4096 rows at two threads, 157 ms in pieces of 256-1024 rows against 178 ms whole.
+MLP_ROWS = 512
+
+
+def mlp(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, down_weight: torch.Tensor):
+    """down(silu(gate(x)) * up(x)), a SwiGLU MLP."""
+    if not _cpu_path(x.device) or x.shape[0] <= MLP_ROWS:
+        return linear(swiglu(x, gate_weight, up_weight), down_weight)
+    return torch.cat([mlp(part, gate_weight, up_weight, down_weight) for part in x.split(MLP_ROWS)])
+
+
 def pack_linears(weights: list[torch.Tensor], swiglu_pairs: list[tuple] = ()) -> None:
     """Packs CPU weights (once, after loading), unless the torch path is forced; each (gate, up)
     of `swiglu_pairs` is packed for `swiglu`."""
