@@ -18,6 +18,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_allreduce.h"
 #include "cpu_attention.h"
 #include "cpu_math.h"
 #include "cpu_panels.h"
@@ -197,6 +198,8 @@ TORCH_LIBRARY(raypp_cpu, m) {
   m.def("pack_panels(Tensor w, Tensor? w2) -> Tensor");
   m.def("panel_linear(Tensor x, Tensor packed, int n, Tensor? bias, bool swiglu) -> Tensor");
   m.def("panels_fast() -> bool", &panels_fast);
+  m.def("shm_all_reduce(Tensor(a!) t, Tensor segment, int rank, int size, int round, int slot_bytes, "
+        "float timeout_s) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(raypp_cpu, CPU, m) {
@@ -206,4 +209,5 @@ TORCH_LIBRARY_IMPL(raypp_cpu, CPU, m) {
   m.impl("rope_and_cache", &rope_and_cache);
   m.impl("pack_panels", &pack_panels);
   m.impl("panel_linear", &panel_linear);
+  m.impl("shm_all_reduce", &shm_all_reduce);
 }

@@ -1,5 +1,5 @@
-"""raypp's CPU kernels (kernels/cpu.cpp, with cpu_attention.h, cpu_panels.h and cpu_math.h),
-loaded into torch as torch.ops.raypp_cpu.*.
+"""raypp's CPU kernels (kernels/cpu.cpp, with cpu_attention.h, cpu_panels.h, cpu_allreduce.h and
+cpu_math.h), loaded into torch as torch.ops.raypp_cpu.*.
 
 | here                      | reference                                   |
 |---------------------------|---------------------------------------------|
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
-HEADERS = [Path(__file__).with_name(name) for name in ("cpu_math.h", "cpu_attention.h", "cpu_panels.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("cpu_math.h", "cpu_attention.h", "cpu_panels.h", "cpu_allreduce.h")]
 _loaded: bool | None = None
 
 

@@ -8,14 +8,14 @@ slots in rank order (so every rank gets the same bits).  Two slot sets alternate
 between rounds: a rank writes round k+1 only after everyone has written round k,
 that is after everyone finished reading round k-1 -- one wait per call suffices.
 
-Waits are bounded: a rank that never arrives raises after `timeout_s`.  Tensors
-larger than a slot, and groups that span hosts, use torch.distributed (gloo).
+The rounds run in one C++ call each (kernels/cpu_allreduce.h): in Python they cost ~80 us a call.
+Waits are bounded: a rank that never arrives raises after `timeout_s`.  Tensors larger than a
+slot, groups that span hosts, and hosts without raypp's CPU kernels (no compiler) use
+torch.distributed (gloo).
 """
 from __future__ import annotations
 
-import os
 import socket
-import time
 import uuid
 from multiprocessing import shared_memory
 
@@ -23,9 +23,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from kernels import cpu
+
 SLOT_BYTES = 4 << 20       # decode and short prefill chunks; bigger tensors take gloo
-_FLAG_STRIDE = 8           # int64s between counters: one cache line each
-_SPINS_BEFORE_YIELD = 200
+_FLAG_STRIDE = 8           # int64s between counters: one cache line each (as cpu_allreduce.h)
 
 
 def _host_id() -> str:
@@ -55,31 +56,15 @@ class ShmAllReduce:
         if rank == 0:
             self.shm.unlink()   # every rank has it mapped: the name can go, nothing is left in /dev/shm
         self.flags = np.ndarray((size * _FLAG_STRIDE,), dtype=np.int64, buffer=self.shm.buf)[::_FLAG_STRIDE]
-        self._header = header
+        self.segment = torch.frombuffer(self.shm.buf, dtype=torch.uint8)
 
     @classmethod
     def for_group(cls, group, rank: int, size: int, timeout_s: float) -> "ShmAllReduce | None":
-        """A shared-memory all-reduce when every rank of `group` is on this host, else None (gloo)."""
+        """A shared-memory all-reduce when every rank of `group` is on this host and every rank
+        has raypp's CPU kernels, else None (gloo)."""
         hosts = [None] * size
-        dist.all_gather_object(hosts, _host_id(), group=group)
-        return cls(group, rank, size, timeout_s) if len(set(hosts)) == 1 else None
-
-    def _slot(self, parity: int, rank: int, nbytes: int) -> memoryview:
-        start = self._header + (parity * self.size + rank) * self.slot_bytes
-        return self.shm.buf[start: start + nbytes]
-
-    def _wait_all(self, k: int) -> None:
-        spins, deadline = 0, None
-        while self.flags.min() < k:
-            spins += 1
-            if spins < _SPINS_BEFORE_YIELD:
-                continue
-            os.sched_yield()
-            now = time.monotonic()
-            deadline = deadline or now + self.timeout_s
-            if now > deadline:
-                late = [r for r in range(self.size) if self.flags[r] < k]
-                raise TimeoutError(f"TP ranks {late} did not reach all-reduce round {k} within {self.timeout_s:g}s")
+        dist.all_gather_object(hosts, (_host_id(), cpu.available()), group=group)
+        return cls(group, rank, size, timeout_s) if len(set(hosts)) == 1 and hosts[0][1] else None
 
     def all_reduce(self, t: torch.Tensor) -> None:
         """Sums `t` over the group in place."""
@@ -88,15 +73,12 @@ class ShmAllReduce:
             dist.all_reduce(t, group=self.group)
             return
         self.round += 1
-        parity = self.round % 2
-        mine = torch.frombuffer(self._slot(parity, self.rank, nbytes), dtype=t.dtype).view_as(t)
-        mine.copy_(t)
-        self.flags[self.rank] = self.round
-        self._wait_all(self.round)
-        t.copy_(torch.frombuffer(self._slot(parity, 0, nbytes), dtype=t.dtype).view_as(t))
-        for r in range(1, self.size):
-            t.add_(torch.frombuffer(self._slot(parity, r, nbytes), dtype=t.dtype).view_as(t))
+        if not torch.ops.raypp_cpu.shm_all_reduce(t, self.segment, self.rank, self.size, self.round,
+                                                  self.slot_bytes, self.timeout_s):
+            late = [r for r in range(self.size) if self.flags[r] < self.round]
+            raise TimeoutError(f"TP ranks {late} did not reach all-reduce round {self.round} "
+                               f"within {self.timeout_s:g}s")
 
     def close(self) -> None:
-        self.flags = None
+        self.flags = self.segment = None  # views of the segment: it closes only without them
         self.shm.close()
