@@ -31,13 +31,27 @@ struct Operands {
   int64_t qs0, qs1, ks0, ks1, vs0, vs1, os0, os1, ts0;
 };
 
+// The first slot of the block after the one at token j0 of a context of n tokens, or -1.
+inline int64_t next_block(const int32_t* table, int64_t j0, int64_t block_size, int64_t n) {
+  return j0 + block_size < n ? static_cast<int64_t>(table[j0 / block_size + 1]) * block_size : -1;
+}
+
+// Asks for [p, p + bytes) in cache.  Blocks of a context lie anywhere in the pool, so the
+// hardware prefetcher restarts at each one; the decode walk asks for a slot of the next block
+// while it reads the same slot of this one.
+inline void prefetch(const void* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(p) + off);
+}
+
 // Decode rows: row[i] of q attends to the first ctx[i] tokens of sequence seq[i].  This walk
 // is bound by memory, not arithmetic: each K/V row is read once, for one query.  A work item
 // is a row and a range of its kv heads (the whole row unless rows are fewer than threads): each context
 // token's K (then V) for those heads is one contiguous run of memory, and a cache block's
 // tokens are adjacent slots, so the walk streams through each block instead of striding
 // across heads.  Every query head of a kv head's group (GQA) uses its K/V row while it is in
-// L1.
+// L1.  The next block is prefetched while one is read: 32 rows of context 160 over 8 layers of
+// the peers' checkpoint's shape (blocks shuffled in a pool larger than the cache), two threads,
+// 6.0 ms against 8.9 without.
 template <typename T>
 void decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                       const at::Tensor& tables, const std::vector<int64_t>& row, const std::vector<int64_t>& seq,
@@ -53,6 +67,7 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     for (int64_t item = begin; item < end; ++item) {
       const int64_t i = item / parts, t = row[i], part = item % parts, n = ctx[i];
       const int64_t h0 = part * kv_heads / parts, h1 = (part + 1) * kv_heads / parts, nh = (h1 - h0) * group;
+      const int64_t heads_bytes = (h1 - h0) * dim * static_cast<int64_t>(sizeof(T));
       const int32_t* table = o.tp + seq[i] * o.ts0;
       scores.resize(nh * n);
       for (int64_t h = 0; h < nh; ++h) {
@@ -62,8 +77,10 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       // Pass 1: scores, a block of the table at a time (one table read per block).
       for (int64_t j0 = 0; j0 < n; j0 += block_size) {
         const int64_t base = static_cast<int64_t>(table[j0 / block_size]) * block_size;
+        const int64_t next = next_block(table, j0, block_size, n);
         for (int64_t j = j0; j < std::min(j0 + block_size, n); ++j) {
           const T* kslot = o.kp + (base + j - j0) * o.ks0;
+          if (next >= 0) prefetch(o.kp + (next + j - j0) * o.ks0 + h0 * o.ks1, heads_bytes);
           for (int64_t h = 0; h < nh; ++h) scores[h * n + j] = dot(&qf[h * dim], kslot + (h0 + h / group) * o.ks1, dim);
         }
       }
@@ -72,8 +89,10 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor
       std::fill(acc.begin(), acc.begin() + nh * dim, 0.f);
       for (int64_t j0 = 0; j0 < n; j0 += block_size) {
         const int64_t base = static_cast<int64_t>(table[j0 / block_size]) * block_size;
+        const int64_t next = next_block(table, j0, block_size, n);
         for (int64_t j = j0; j < std::min(j0 + block_size, n); ++j) {
           const T* vslot = o.vp + (base + j - j0) * o.vs0;
+          if (next >= 0) prefetch(o.vp + (next + j - j0) * o.vs0 + h0 * o.vs1, heads_bytes);
           for (int64_t h = 0; h < nh; ++h) axpy(&acc[h * dim], scores[h * n + j], vslot + (h0 + h / group) * o.vs1, dim);
         }
       }
