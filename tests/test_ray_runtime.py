@@ -8,6 +8,7 @@ import ray
 from raypp.config import DeploymentConfig
 from raypp.errors import PlacementError
 from raypp.model.config import ModelConfig
+from raypp.model.sampling_params import SamplingParams
 from raypp.runtime.engine import EngineDeadError, Engine
 from tests.reference import collect, greedy, random_prompts, run_all
 
@@ -52,6 +53,23 @@ def test_layouts_on_ray_match_single_process(local_ray, tiny_ckpt, prompts, expe
     finally:
         engine.shutdown()
     assert not live_actors() and not live_groups()
+
+
+def test_tp_ranks_of_one_stage_each_sample_what_one_process_samples(local_ray, tiny_ckpt, prompts):
+    """At PP = 1 every TP rank samples for itself instead of receiving rank 0's ids
+    (runtime/token_return.py): random sampling over TP=2 draws what one process draws, and a
+    rank that drew otherwise would feed its own token and corrupt the next steps."""
+    params = SamplingParams(max_tokens=8, temperature=1.0, top_k=50, seed=7, ignore_eos=True)
+    one = Engine.from_config(config(tiny_ckpt))
+    try:
+        ref = run_all(one, prompts, params)
+    finally:
+        one.shutdown()
+    engine = Engine.from_config(config(tiny_ckpt, tp=2))
+    try:
+        assert run_all(engine, prompts, params) == ref
+    finally:
+        engine.shutdown()
 
 
 def test_too_many_gpus_fails_within_timeout_naming_the_shortfall(local_ray, tiny_ckpt):

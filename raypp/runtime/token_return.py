@@ -9,8 +9,14 @@ Both ends see every step in the same order, so no ids travel with labels: after
 sampling step s, the sender sends its ids to every stage-0 rank; a stage-0 rank
 notes each step it runs that samples (`expect`) and receives their ids in that
 order, when a later step needs them (`take`) or once the driver has seen the step
-come back (`forget_upto`, so nothing piles up).  When the sender is itself a
-stage-0 rank (PP = 1) its ids stay in memory.
+come back (`forget_upto`, so nothing piles up).
+
+With one stage (PP = 1) nothing travels: every TP rank samples for itself.  The
+ranks hold the same logits, bit for bit (the TP all-reduces hand every rank the
+same sums, and the vocabulary gather adds only zeros), and sampling is seeded per
+token (model/sampling.py), so each rank draws the ids rank 0 draws.  A send would
+put rank 0's sampling and a gloo hop ahead of every other rank's next step: at
+TP=2, batch 1, rank 1 waited ~2 ms a token for it.
 """
 from __future__ import annotations
 
@@ -23,17 +29,17 @@ from raypp.layout import Layout
 
 
 def token_return_ranks(layout: Layout) -> list[int]:
-    """The group: the sampler (last stage, TP rank 0) and every stage-0 rank."""
+    """The group: the sampler (last stage, TP rank 0) and every stage-0 rank (unused at PP = 1)."""
     return sorted({layout.rank(layout.pp - 1, 0)} | {layout.rank(0, r) for r in range(layout.tp)})
 
 
 class TokenReturn:
     def __init__(self, layout: Layout, stage: int, tp_rank: int, group=None):
         me = layout.rank(stage, tp_rank)
-        self.src = layout.rank(layout.pp - 1, 0)
-        self.is_sender = me == self.src
+        self.src = me if layout.pp == 1 else layout.rank(layout.pp - 1, 0)
+        self.is_sender = me == self.src   # this rank samples (`publish`)
         self.is_receiver = stage == 0
-        self.dsts = [r for r in token_return_ranks(layout) if r != self.src] if self.is_sender else []
+        self.dsts = [r for r in token_return_ranks(layout) if r != self.src] if self.is_sender and layout.pp > 1 else []
         self.group = group
         self.ids: dict[int, list[int]] = {}
         self._expected: deque[tuple[int, int]] = deque()   # (step_id, count) on their way, in order

@@ -142,11 +142,13 @@ class StageWorker:
             send = time.perf_counter() - send_from
         elif step.all_logits:
             logits = out
-        elif self.tp_rank == 0:
+        elif self.tokens.is_sender:
             rows = out if len(step.sample_rows) == out.shape[0] else out[step.sample_rows]
             ids, logprobs = sample(rows, step.params, step.seeds, step.output_positions)
             if ids:
                 self.tokens.publish(step.step_id, ids)
+            if self.tp_rank != 0:  # at PP = 1 every rank samples for itself; rank 0 reports
+                ids = logprobs = None
         end = time.perf_counter()
         self._last_end = end
         comm = self.comm_clock.total - all_reduce_before + send
