@@ -10,8 +10,9 @@ worker runs for one new token per sequence, sampling aside: the metadata built o
 then Transformer.forward.  The two routes run in turns, `--reps` times each, and the medians
 are reported, at batch 1 and 32; then the ops alone at batch 32 (decode attention over the
 paged cache, add + RMSNorm, SiLU-and-mul), one layer's gate_proj product at 1 to 4096 rows
-(F.linear against oneDNN on the weight packed at load time), and one prefill step of 32 x
-128-token prompts.
+(F.linear against raypp's product on the weight packed at load time), every product of a
+decode step back to back at 1, 16 and 32 rows (oneDNN against raypp's panels), and one
+prefill step of 32 x 128-token prompts.
 `--compile` adds the route not taken: the reference decode attention under torch.compile,
 its first call (a cold compile: inductor gets an empty cache directory) and its steady call, then the first call at the next step's
 shape (one more context token), as every decode step brings.  `--profile` prints where a
@@ -36,13 +37,13 @@ BLOCK = 16
 ROUTES = ("torch", "cpu")
 
 
-def timed(fn, reps: int) -> dict[str, float]:
+def timed(fn, reps: int, routes=ROUTES) -> dict[str, float]:
     """Median ms of fn(route) per route, the routes taking turns; one warm-up each."""
-    times = {r: [] for r in ROUTES}
-    for r in ROUTES:
+    times = {r: [] for r in routes}
+    for r in routes:
         fn(r)
     for _ in range(reps):
-        for r in ROUTES:
+        for r in routes:
             t = time.perf_counter()
             fn(r)
             times[r].append((time.perf_counter() - t) * 1e3)
@@ -134,14 +135,29 @@ def main() -> int:
             out[f"op_ms_bs32_{name}"] = ms = timed(fn, args.reps * 10)
             log(f"{name} (batch 32, per layer): torch {ms['torch'] * 1e3:.0f} us, cpu kernels {ms['cpu'] * 1e3:.0f} us")
         # One layer's gate_proj at the rows of a batch-1 decode, a micro-batch and a prefill:
-        # F.linear (sgemm) against oneDNN reading the weight packed at load time.
-        wg = model.layers["0"].mlp.gate_proj.weight
+        # F.linear (sgemm) against raypp's product on a copy packed as the model packs a weight
+        # (panels up to cpu_linear.PANEL_ROWS rows, oneDNN above).  One weight stays in cache.
+        wg = model.layers["0"].mlp.gate_proj.weight.clone()
+        cpu_linear.pack(wg)
         for rows in (1, 16, 32, 4096):
             xr = torch.randn(rows, cfg.hidden_size)
             fn = lambda r, xr=xr: (torch.nn.functional.linear(xr, wg) if r == "torch"  # noqa: E731
-                                   else cpu_linear.linear(xr, cpu_linear.packed_of(wg), None))
+                                   else cpu_linear.linear(xr, wg, None))
             out[f"op_ms_linear_gate_proj_rows{rows}"] = ms = timed(fn, args.reps * (10 if rows < 1000 else 1))
-            log(f"gate_proj, {rows} rows: F.linear {ms['torch'] * 1e3:.0f} us, oneDNN packed {ms['cpu'] * 1e3:.0f} us")
+            log(f"gate_proj, {rows} rows: F.linear {ms['torch'] * 1e3:.0f} us, raypp {ms['cpu'] * 1e3:.0f} us")
+        # A decode step's products as a step reads them: every linear weight of the model once,
+        # back to back, streaming from memory; oneDNN on its packed copies against the panels.
+        weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        panels = [cpu.pack_panels(w) for w in weights]
+        for rows in (1, 16, 32):
+            xs = {n: torch.randn(rows, n) for n in {w.shape[1] for w in weights}}
+            fn = lambda r, xs=xs: [  # noqa: E731
+                cpu.panel_linear(xs[w.shape[1]], p, w.shape[0]) if r == "panels" else
+                torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], cpu_linear.packed_of(w), None, "none", [], "")
+                for w, p in zip(weights, panels)]
+            out[f"products_ms_rows{rows}"] = ms = timed(fn, args.reps, routes=("onednn", "panels"))
+            log(f"all products, {rows} rows: oneDNN {ms['onednn']:.2f} ms, panels {ms['panels']:.2f} ms "
+                f"({ms['panels'] / ms['onednn']:.2f}x)")
 
         if args.compile:
             compiled = torch.compile(paged_attention.paged_decode_attention_ref)
