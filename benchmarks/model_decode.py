@@ -2,7 +2,8 @@
 """raypp's single-process decode speed on the peers' checkpoint, measured like the peers.
 
     python benchmarks/model_decode.py [MODEL_DIR] [--threads 2] [--reps 3] \
-        [--peers-root /tmp/peers] [--out benchmarks/results/model_decode.json] [--no-profile]
+        [--peers-root /tmp/peers] [--out benchmarks/results/model_decode.json] [--no-profile] \
+        [--sandwich vllm_tp1,... [--rounds 1]]
 
 MODEL_DIR defaults to /tmp/peers/ckpt (what ../shared/peers/make_small.py writes; any HF
 Llama directory works).  One process, the in-process engine (TP = PP = 1), `--threads` torch
@@ -25,7 +26,10 @@ under torch.profiler (execute / metadata build / forward / sampling, top ops by 
 On a shared, noisy machine two runs minutes apart can differ 2-3x, so `--sandwich hf,vllm_tp1`
 measures side by side instead: raypp, peer, raypp, next peer, raypp, ... (the peers run with
 the same commands as run_all.sh, from the venvs it built) and rates each peer against the mean
-of the two raypp runs around it (out: model_decode_sandwich.json, no profile).  raypp runs the
+of the two raypp runs around it (out: model_decode_sandwich.json, no profile); `--rounds N`
+repeats the whole sandwich and takes each ratio's median over the rounds.  Each run first waits
+(at most SETTLE_S) for the 1-min load to fall below 1.0: vLLM's processes wind down for a
+minute after it reports, and a raypp run started at once shares the cores with them.  raypp runs the
 layout that matches the peer: in-process with --threads threads next to hf / vllm_tp1, TP=2 or
 PP=2 (micro_batches 2) on two Ray actors of one CPU each next to vllm_tp2 / vllm_pp2.
 """
@@ -36,6 +40,7 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -73,6 +78,8 @@ PEER_ARGS = {  # as run_all.sh runs them
     "vllm_pp2": ("vllm-venv", "vllm_bench.py", ["--tp", "1", "--pp", "2", "--bind", "0|1"]),
 }
 
+
+SETTLE_S = 120  # the longest a sandwich run waits for the previous run's load to settle
 
 # the raypp layout a peer is compared with: the same number of cores, split the same way
 SANDWICH_LAYOUT = {"hf": "local", "vllm_tp1": "local", "vllm_tp2": "tp2", "vllm_pp2": "pp2"}
@@ -130,6 +137,12 @@ def run_sandwich(args, sandwich: list[str], raypp_run, log, t0: float) -> int:
     seq = []
 
     def record(what: str, fn) -> dict:
+        # A peer's processes wind down for a minute after it reports (vLLM's engine core); the
+        # next run waits for the 1-min load to settle, at most SETTLE_S, so it does not share
+        # the cores with them.
+        settle_until = time.time() + SETTLE_S
+        while os.getloadavg()[0] > 1.0 and time.time() < settle_until:
+            time.sleep(5)
         start = time.time()
         la = os.getloadavg()[0]
         log(f"[sandwich] {what} (loadavg {la:.1f})")
@@ -143,8 +156,8 @@ def run_sandwich(args, sandwich: list[str], raypp_run, log, t0: float) -> int:
         return res
 
     before, before_layout = None, None
-    pairs = {}
-    for i, step in enumerate(sandwich):
+    rounds = {}
+    for i, step in enumerate(sandwich * args.rounds):
         layout = SANDWICH_LAYOUT[step]
         if before_layout != layout:
             before = record(f"raypp {layout}", lambda: raypp_run(False, layout))
@@ -152,13 +165,18 @@ def run_sandwich(args, sandwich: list[str], raypp_run, log, t0: float) -> int:
         after = record(f"raypp {layout}", lambda: raypp_run(False, layout))
         bs1 = (before["bs1_decode_ms_per_token"] + after["bs1_decode_ms_per_token"]) / 2
         bs32 = (before["bs32_output_tok_s"] + after["bs32_output_tok_s"]) / 2
-        pairs[step] = {"raypp_bs1_ms_mean_of_neighbours": bs1, "peer_bs1_ms": peer["bs1_decode_ms_per_token"],
-                       "bs1_ratio": bs1 / peer["bs1_decode_ms_per_token"],
-                       "raypp_bs32_tok_s_mean_of_neighbours": bs32, "peer_bs32_tok_s": peer["bs32_output_tok_s"],
-                       "bs32_ratio": bs32 / peer["bs32_output_tok_s"],
-                       "first_ids_match": peer.get("first_ids_bs1") == after["first_ids_bs1"]}
-        pairs[step]["raypp_layout"] = layout
+        rounds.setdefault(step, []).append({
+            "raypp_bs1_ms_mean_of_neighbours": bs1, "peer_bs1_ms": peer["bs1_decode_ms_per_token"],
+            "bs1_ratio": bs1 / peer["bs1_decode_ms_per_token"],
+            "raypp_bs32_tok_s_mean_of_neighbours": bs32, "peer_bs32_tok_s": peer["bs32_output_tok_s"],
+            "bs32_ratio": bs32 / peer["bs32_output_tok_s"],
+            "first_ids_match": peer.get("first_ids_bs1") == after["first_ids_bs1"], "raypp_layout": layout})
         before, before_layout = after, layout
+    # Each peer's ratio is the median over its rounds (one round: that round's).
+    pairs = {step: {**rs[len(rs) // 2], "bs1_ratio": statistics.median(r["bs1_ratio"] for r in rs),
+                    "bs32_ratio": statistics.median(r["bs32_ratio"] for r in rs),
+                    "first_ids_match": all(r["first_ids_match"] for r in rs), "rounds": rs}
+             for step, rs in rounds.items()}
     targets = {}
     for key, (text, op, bound) in TARGETS.items():
         peer, metric = key.split("_vs_")[1], key.split("_vs_")[0]
@@ -197,6 +215,8 @@ def main() -> int:
                          "max_num_batched_tokens in vllm_bench.py)")
     ap.add_argument("--peers-root", default=os.environ.get("PEERS_ROOT", "/tmp/peers"))
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --sandwich: repeat the whole sandwich; each ratio is the median over rounds")
     ap.add_argument("--sandwich", default="",
                     help="comma-separated peers (hf, vllm_tp1, vllm_tp2, vllm_pp2) to run between raypp runs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "model_decode.json"))
