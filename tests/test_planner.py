@@ -74,6 +74,18 @@ def test_memory_budget_and_misfit_shortfall():
     assert 69 * GB < miss.shortfall < 73 * GB
 
 
+@pytest.mark.parametrize("dtype,copies", [("fp32", 2), ("bf16", 1)])
+def test_cpu_workers_hold_their_packed_weight_copies(dtype, copies):
+    """A CPU worker keeps oneDNN's packed copy of every linear weight, and for fp32 the decode
+    panels too (kernels/cpu_linear.py); the embedding table once.  A GPU holds one copy."""
+    m, lay = PRESETS["small"], Layout(1, 1, (PRESETS["small"].layers,))
+    wl = Workload(dtype=dtype, concurrency=4, input_len=128, output_len=128)
+    shape = stage_shapes(m, lay, wl)[0]
+    cpu = memory(m, lay, [shape], cluster("cpu-epyc-2core", 2), wl, 4)
+    assert cpu.weights == pytest.approx(shape.weight_bytes + copies * shape.stream_bytes)
+    assert memory(m, lay, [shape], cluster(), wl, 4).weights == pytest.approx(shape.weight_bytes)
+
+
 def test_tp_beyond_kv_heads_replicates_kv():
     m = PRESETS["tiny"]  # 8 KV heads
     wl = Workload(dtype="fp32", kv_dtype="fp32")

@@ -23,10 +23,16 @@ NCCL_OVERHEAD = 0.5 * GB
 CPU_OVERHEAD = 0.5 * GB    # Python + torch + Ray worker process, measured RSS order here
 
 
+def cpu_packed_copies(weight_bytes: int) -> int:
+    """Copies a CPU worker keeps of its linear weights beside the plain ones
+    (kernels/cpu_linear.py): oneDNN's packed layout, and for fp32 the decode panels."""
+    return 2 if weight_bytes == 4 else 1
+
+
 @dataclass(frozen=True)
 class Memory:
     capacity: float            # bytes the engine may use per GPU
-    weights: float             # the largest stage's shard
+    weights: float             # the largest stage's shard (with a CPU worker's packed copies)
     activations: float
     overhead: float
     kv_cache: float            # bytes left for KV on the tightest stage (negative: does not fit)
@@ -64,9 +70,11 @@ def memory(model: ModelSpec, layout: Layout, shapes: list[StageShape], cluster: 
     capacity = dev.memory * wl.gpu_memory_utilization
     overhead = CPU_OVERHEAD if dev.kind == "cpu" else GPU_OVERHEAD + (NCCL_OVERHEAD if layout.world_size > 1 else 0.0)
     act = activation_bytes(model, layout, wl, per_replica_seqs)
-    free = [capacity - s.weight_bytes - act - overhead for s in shapes]
+    copies = cpu_packed_copies(wl.weight_bytes) if dev.kind == "cpu" else 0
+    weights = [s.weight_bytes + copies * s.stream_bytes for s in shapes]
+    free = [capacity - w - act - overhead for w in weights]
     tokens = min(int(max(f, 0.0) // s.kv_bytes_per_token) for f, s in zip(free, shapes))
     need = max(wl.context * s.kv_bytes_per_token - f for f, s in zip(free, shapes))
-    return Memory(capacity=capacity, weights=max(s.weight_bytes for s in shapes), activations=act,
+    return Memory(capacity=capacity, weights=max(weights), activations=act,
                   overhead=overhead, kv_cache=min(free), kv_tokens=tokens, kv_seqs=tokens // wl.context,
                   shortfall=max(need, 0.0), kv_per_seq=max(wl.context * s.kv_bytes_per_token for s in shapes))
