@@ -10,8 +10,8 @@ benchmarks/cpu_kernels.py on the `small` preset's gate_proj (2816 x 1024 fp32, o
 prefill); results within fp32 rounding of `F.linear` (another summation order).
 
 Products of up to PANEL_ROWS rows (decode steps) of fp32 weights go to raypp's panel kernel
-instead, which streams each weight once and prefetches while it multiplies (0.8-0.9x oneDNN's
-time at 1-32 rows; its header has the numbers); a SwiGLU MLP's gate and up share one pack
+instead, which streams each weight once and prefetches while it multiplies (0.77-0.84x
+oneDNN's time at 1-32 rows: benchmarks/cpu_kernels.py); a SwiGLU MLP's gate and up share one pack
 there, and its store writes silu(gate) * up.
 
 The packed copies live next to the weight (as attributes of the tensor), so the model, its
@@ -28,8 +28,9 @@ from kernels import cpu
 _ATTR = "_raypp_onednn_packed"
 _PANELS = "_raypp_panels"  # panels of the weight alone
 _SWIGLU = "_raypp_swiglu_panels"  # on a gate weight: gate and up paired in one pack
-# Up to this many rows a product reads the panels: measured 0.8-0.9x oneDNN's time at 1-64 rows,
-# even at 128, slower from 256 (oneDNN's large-product kernels keep the weight in cache better).
+# Up to this many rows a product reads the panels.  Every product of the peers' 160M checkpoint
+# back to back, two threads: 0.77-0.9x oneDNN's time at 1-64 rows, level at 128, up to 1.17x
+# slower at 1024 (oneDNN's large-product kernels reuse what is in cache better).
 PANEL_ROWS = 64
 # The row count oneDNN is told to expect when it picks the packed layout; measured at 1,
 # 32 and 4096 rows, one layout served every row count equally well.
