@@ -1,13 +1,13 @@
 // Products of few rows (decode steps) against fp32 weights packed once into panels.
 //
 // A decode step's products have 1-64 rows: too few to hide the weight stream behind the
-// arithmetic in oneDNN's kernels, which stall on memory at those sizes (at 32 rows they reach
-// ~65% of the FLOP rate they reach on weights already in cache).  Here every weight is read
-// once, as a stream of panels of 32 output columns ([K][32], contiguous), and while one block
-// of 128 k-steps is being multiplied the next block is prefetched, so the memory and the FMA
-// units work at the same time.  Measured against oneDNN on the peers' 160M checkpoint's
-// weights, two threads: 0.85-0.9x its time at 1 row, ~0.8x at 16-32 rows, even at 128
-// (benchmarks/cpu_kernels.py); prefill-sized products stay on oneDNN, which is faster there.
+// arithmetic in oneDNN's kernels, which stall on memory at those sizes (at 32 rows they took
+// 24-25 ms for a step's products that would take 17-20 ms at their in-cache FLOP rate).  Here
+// every weight is read once, as a stream of panels of 32 output columns ([K][32], contiguous),
+// and while one block of 128 k-steps is being multiplied the next block is prefetched, so the
+// memory and the FMA units work at the same time.  Every product of the peers' 160M checkpoint
+// back to back, two threads, against oneDNN: 0.84x its time at 1 row, 0.77-0.78x at 16-32 rows
+// (benchmarks/cpu_kernels.py), level at 128; prefill-sized products stay on oneDNN.
 //
 // A panel may instead hold two weights side by side (gate and up of a SwiGLU MLP, 16 rows of
 // each), and the store then writes silu(gate) * up: the MLP's first half in one pass.
