@@ -31,16 +31,27 @@ struct Operands {
   int64_t qs0, qs1, ks0, ks1, vs0, vs1, os0, os1, ts0;
 };
 
-// The first slot of the block after the one at token j0 of a context of n tokens, or -1.
-inline int64_t next_block(const int32_t* table, int64_t j0, int64_t block_size, int64_t n) {
-  return j0 + block_size < n ? static_cast<int64_t>(table[j0 / block_size + 1]) * block_size : -1;
-}
-
-// Asks for [p, p + bytes) in cache.  Blocks of a context lie anywhere in the pool, so the
-// hardware prefetcher restarts at each one; the decode walk asks for a slot of the next block
-// while it reads the same slot of this one.
+// Asks for [p, p + bytes) in cache.
 inline void prefetch(const void* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(p) + off);
+}
+
+// fn(j, row) for the first n tokens of a context, in order, a block of the table at a time (one
+// table read per block); row is token j's row of `pool`, whose slots are `stride` elements apart.
+// Blocks of a context lie anywhere in the pool, so the hardware prefetcher restarts at each one:
+// while the walk reads a slot it asks for the same slot of the next block (`bytes` from `offset`
+// elements into the row, the part the caller reads).
+template <typename T, typename Fn>
+inline void walk_context(const int32_t* table, int64_t n, int64_t block_size, const T* pool, int64_t stride,
+                         int64_t offset, int64_t bytes, Fn&& fn) {
+  for (int64_t j0 = 0; j0 < n; j0 += block_size) {
+    const int64_t base = static_cast<int64_t>(table[j0 / block_size]) * block_size;
+    const int64_t next = j0 + block_size < n ? static_cast<int64_t>(table[j0 / block_size + 1]) * block_size : -1;
+    for (int64_t j = j0; j < std::min(j0 + block_size, n); ++j) {
+      if (next >= 0) prefetch(pool + (next + j - j0) * stride + offset, bytes);
+      fn(j, pool + (base + j - j0) * stride);
+    }
+  }
 }
 
 // Decode rows: row[i] of q attends to the first ctx[i] tokens of sequence seq[i].  This walk
@@ -74,28 +85,16 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         const T* qrow = o.qp + t * o.qs0 + (h0 * group + h) * o.qs1;
         for (int64_t d = 0; d < dim; ++d) qf[h * dim + d] = static_cast<float>(qrow[d]) * static_cast<float>(scale);
       }
-      // Pass 1: scores, a block of the table at a time (one table read per block).
-      for (int64_t j0 = 0; j0 < n; j0 += block_size) {
-        const int64_t base = static_cast<int64_t>(table[j0 / block_size]) * block_size;
-        const int64_t next = next_block(table, j0, block_size, n);
-        for (int64_t j = j0; j < std::min(j0 + block_size, n); ++j) {
-          const T* kslot = o.kp + (base + j - j0) * o.ks0;
-          if (next >= 0) prefetch(o.kp + (next + j - j0) * o.ks0 + h0 * o.ks1, heads_bytes);
-          for (int64_t h = 0; h < nh; ++h) scores[h * n + j] = dot(&qf[h * dim], kslot + (h0 + h / group) * o.ks1, dim);
-        }
-      }
+      // Pass 1: scores.
+      walk_context(table, n, block_size, o.kp, o.ks0, h0 * o.ks1, heads_bytes, [&](int64_t j, const T* kslot) {
+        for (int64_t h = 0; h < nh; ++h) scores[h * n + j] = dot(&qf[h * dim], kslot + (h0 + h / group) * o.ks1, dim);
+      });
       for (int64_t h = 0; h < nh; ++h) inv[h] = softmax(&scores[h * n], n);
       // Pass 2: the softmax-weighted sum of V rows.
       std::fill(acc.begin(), acc.begin() + nh * dim, 0.f);
-      for (int64_t j0 = 0; j0 < n; j0 += block_size) {
-        const int64_t base = static_cast<int64_t>(table[j0 / block_size]) * block_size;
-        const int64_t next = next_block(table, j0, block_size, n);
-        for (int64_t j = j0; j < std::min(j0 + block_size, n); ++j) {
-          const T* vslot = o.vp + (base + j - j0) * o.vs0;
-          if (next >= 0) prefetch(o.vp + (next + j - j0) * o.vs0 + h0 * o.vs1, heads_bytes);
-          for (int64_t h = 0; h < nh; ++h) axpy(&acc[h * dim], scores[h * n + j], vslot + (h0 + h / group) * o.vs1, dim);
-        }
-      }
+      walk_context(table, n, block_size, o.vp, o.vs0, h0 * o.vs1, heads_bytes, [&](int64_t j, const T* vslot) {
+        for (int64_t h = 0; h < nh; ++h) axpy(&acc[h * dim], scores[h * n + j], vslot + (h0 + h / group) * o.vs1, dim);
+      });
       for (int64_t h = 0; h < nh; ++h) {
         T* orow = o.op + t * o.os0 + (h0 * group + h) * o.os1;
         for (int64_t d = 0; d < dim; ++d) orow[d] = static_cast<T>(acc[h * dim + d] * inv[h]);
