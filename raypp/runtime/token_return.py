@@ -29,7 +29,9 @@ from raypp.layout import Layout
 
 
 def token_return_ranks(layout: Layout) -> list[int]:
-    """The group: the sampler (last stage, TP rank 0) and every stage-0 rank (unused at PP = 1)."""
+    """The group: the sampler (last stage, TP rank 0) and every stage-0 rank; none at PP = 1."""
+    if layout.pp == 1:
+        return []
     return sorted({layout.rank(layout.pp - 1, 0)} | {layout.rank(0, r) for r in range(layout.tp)})
 
 
@@ -39,7 +41,7 @@ class TokenReturn:
         self.src = me if layout.pp == 1 else layout.rank(layout.pp - 1, 0)
         self.is_sender = me == self.src   # this rank samples (`publish`)
         self.is_receiver = stage == 0
-        self.dsts = [r for r in token_return_ranks(layout) if r != self.src] if self.is_sender and layout.pp > 1 else []
+        self.dsts = [r for r in token_return_ranks(layout) if r != self.src] if self.is_sender else []
         self.group = group
         self.ids: dict[int, list[int]] = {}
         self._expected: deque[tuple[int, int]] = deque()   # (step_id, count) on their way, in order

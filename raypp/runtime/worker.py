@@ -62,7 +62,8 @@ class StageWorker:
         self.distributed = layout.world_size > 1
         tp_group = self._make_tp_group() if self.distributed else None
         # Every rank creates every group, in the same order: the TP groups, then this one.
-        token_group = dist.new_group(token_return_ranks(layout)) if self.distributed else None
+        token_ranks = token_return_ranks(layout)
+        token_group = dist.new_group(token_ranks) if self.distributed and token_ranks else None
         self.tokens = TokenReturn(layout, stage, tp_rank, token_group)
         self.dtype = resolve_dtype(dtype, self.cfg, device)
         self.model = build_stage_module(self.cfg, layout, stage, tp_rank, self._tp_all_reduce(tp_group, timeout_s))
