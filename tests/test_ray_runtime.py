@@ -10,7 +10,7 @@ from raypp.errors import PlacementError
 from raypp.model.config import ModelConfig
 from raypp.model.sampling_params import SamplingParams
 from raypp.runtime.engine import EngineDeadError, Engine
-from tests.reference import collect, greedy, random_prompts, run_all
+from tests.reference import greedy, random_prompts, run_all
 
 PROMPT_LENGTHS = [4, 12, 7, 30, 18, 9, 25, 2]
 
@@ -85,11 +85,17 @@ def test_a_dead_worker_with_no_rebuild_left_fails_requests_instead_of_hanging(lo
     engine = Engine.from_config(config(tiny_ckpt, tp=1, pp=2, max_rebuilds=0))
     try:
         async def main():
-            stream = asyncio.ensure_future(collect(engine, prompts[0], greedy(400)))
-            await asyncio.sleep(1.0)
+            # The kill comes with the first token, not after a fixed sleep: the tiny model's 400
+            # tokens can all stream within a second, and the request then ends before the kill.
+            stream = engine.generate(prompts[0], greedy(400))
+            await asyncio.wait_for(anext(stream), 60)
             ray.kill(engine.executor.actors[1])
+
+            async def rest():
+                async for _ in stream:
+                    pass
             with pytest.raises(EngineDeadError):
-                await asyncio.wait_for(stream, 60)
+                await asyncio.wait_for(rest(), 60)
         asyncio.run(main())
         with pytest.raises(EngineDeadError):
             asyncio.run(engine.check_health())
