@@ -51,17 +51,27 @@ def _call(mode: int, n: int, k: int, device: str, dtype: torch.dtype, copies: in
     return (lambda cfg, pdl: fg.fused_gemv(x, next(cycle), mode, norm=norm, cfg=cfg, pdl=pdl, **kw)), nbytes
 
 
-def modes(batch: int, device: str, eager_torch: bool) -> list[str]:
+# The batch-1 graph with kernels/l2_prefetch.py on: each kernel warms L2 with this many MB of
+# the next product's weight (fused_decode.L2_PREFETCH_BYTES); 64 covers every matrix whole, 0 is
+# none (a second baseline run).
+PREFETCH_MB = (0, 4, 16, 64)
+
+
+def modes(batch: int, device: str, eager_torch: bool, only: list[str] | None = None) -> list[str]:
     """graph: as the worker captures it (at batch 1 the fused forward, PDL where supported,
-    tiles from --tune); graph-untuned: default tiles; graph-early: each kernel lets the next
-    launch as soon as its programs start (fused_decode.PDL_TRIGGER 2); graph-nopdl: no dependent launches;
-    graph-unfused: Transformer.forward, one kernel per op; graph-cublas: that on cuBLAS."""
+    tiles from --tune); graph-untuned: default tiles; graph-l2-<MB>: L2 prefetch of the next
+    product's weights; graph-early: each kernel lets the next launch as soon as its programs
+    start (fused_decode.PDL_TRIGGER 2); graph-nopdl: no dependent launches; graph-unfused:
+    Transformer.forward, one kernel per op; graph-cublas: that on cuBLAS.  only: keep these."""
     eager = (["eager-torch"] if eager_torch else []) + ["eager-triton"]
     if device != "cuda":  # --dry-run: a DecodeGraph runs its forward eagerly; the interpreter is slow
-        return eager + ["graph", "graph-unfused"] if batch == 1 else eager
-    graphs = ["graph"] + (["graph-untuned"] if fg.TUNED else []) + ["graph-early", "graph-nopdl", "graph-unfused",
-                                                                  "graph-cublas"] if batch == 1 else ["graph"]
-    return eager + graphs
+        graphs = ["graph", "graph-unfused"] if batch == 1 else []
+    elif batch == 1:
+        graphs = ["graph"] + (["graph-untuned"] if fg.TUNED else []) + [f"graph-l2-{mb}" for mb in PREFETCH_MB] + [
+            "graph-early", "graph-nopdl", "graph-unfused", "graph-cublas"]
+    else:
+        graphs = ["graph"]
+    return [m for m in eager + graphs if only is None or m in only]
 
 
 def candidates(mode: int, n: int, k: int, dry: bool) -> list[tuple]:
@@ -213,6 +223,11 @@ def report(result: dict) -> None:
     for r in result.get("kernels", []):
         print(f"{r['kernel']:24s} {r['shape']:34s} triton {r['triton_us']:9.1f} us {r['triton_gbps']:7.0f} GB/s "
               f"({r['triton_frac_of_copy']:.0%} of copy)  torch {r['torch_us']:9.1f} us  x{r['speedup']:.2f}")
+    for r in result.get("attention_backends", []):
+        print(f"decode attention {r['shape']:28s}" + "".join(
+            f"  {name} {r[name + '_us']:7.1f} us ({r[name + '_frac_of_copy']:.0%} of copy)" if name + "_us" in r
+            else f"  {name} {r[name + '_error']}" for name in ("triton", "flashinfer")
+            if name + "_us" in r or name + "_error" in r))
     m = result["model"]
     print(f"model {m['preset']}: {m['params'] / 1e9:.3f} B params, {m['weight_bytes'] / 1e9:.2f} GB read per step")
     for r in result.get("fused_tuning", []):

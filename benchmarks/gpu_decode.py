@@ -147,6 +147,35 @@ def kernel_cases(device: str, dtype: torch.dtype, dry: bool) -> list[tuple]:
     return cases
 
 
+def bench_attention_backends(device: str, dtype: torch.dtype, dry: bool, ceiling: float) -> list[dict]:
+    """Decode attention at the 1b preset's heads (32/8 of 64) through ops.decode_attention, as
+    the model calls it: raypp's Triton kernel and, where flashinfer-python is installed,
+    FlashInfer's (planned once per step outside the timing, as every layer after the first
+    reuses the plan)."""
+    rows = []
+    for batch, ctx in ([(2, 40)] if dry else [(1, 192), (1, 32768), (64, 4096)]):
+        q_heads, kv_heads, hd, bs = (4, 2, 16, 16) if dry else (32, 8, 64, 16)
+        blocks = (ctx + bs - 1) // bs
+        tables = torch.randperm(batch * blocks).view(batch, blocks).tolist()
+        meta = AttentionMetadata.build([1] * batch, [ctx] * batch, tables, bs).to(device)
+        kc = torch.randn(batch * blocks * bs, kv_heads, hd, device=device).to(dtype)
+        vc, q = torch.randn_like(kc), torch.randn(batch, q_heads, hd, device=device).to(dtype)
+        nbytes = (2 * batch * ctx * kv_heads * hd + 2 * q.numel()) * dtype.itemsize
+        row = dict(shape=f"B={batch} ctx={ctx} {q_heads}/{kv_heads}x{hd}", bytes=nbytes)
+        for name in ("triton", "flashinfer") if ops.HAS_FLASHINFER else ("triton",):
+            def run(name=name):
+                with ops.use(name):
+                    return ops.decode_attention(q, kc, vc, meta, hd ** -0.5)
+            try:
+                t = timer(run, device, 1 if dry else 5, 2 if dry else 30)
+            except Exception as e:  # one backend failing must not cost the other's numbers
+                row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+                continue
+            row.update({f"{name}_us": t * 1e6, f"{name}_frac_of_copy": nbytes / t / ceiling})
+        rows.append(row)
+    return rows
+
+
 def bench_kernels(device: str, dtype: torch.dtype, dry: bool, ceiling: float) -> list[dict]:
     rows = []
     for name, shape, kernel, ref, nbytes in kernel_cases(device, dtype, dry):
@@ -186,10 +215,13 @@ def decode_run(model, mode: str, batch: int, prompt: int, steps: int, block_size
     from kernels import fused_gemv
     from raypp.model import cuda_graph, fused_decode
 
+    defaults = cuda_graph.FUSED_BATCH1, cuda_graph.PDL, fused_decode.PDL_TRIGGER, fused_decode.L2_PREFETCH_BYTES
     ops.use_gemv = mode != "graph-cublas"
     cuda_graph.FUSED_BATCH1 = mode not in ("graph-unfused", "graph-cublas")
     cuda_graph.PDL = False if mode == "graph-nopdl" else None
     fused_decode.PDL_TRIGGER = 2 if mode == "graph-early" else 1
+    if mode.startswith("graph-l2-"):
+        fused_decode.L2_PREFETCH_BYTES = int(mode.rsplit("-", 1)[1]) << 20
     tuned = dict(fused_gemv.TUNED)
     if mode == "graph-untuned":
         fused_gemv.TUNED.clear()
@@ -198,7 +230,7 @@ def decode_run(model, mode: str, batch: int, prompt: int, steps: int, block_size
         try:
             graph = DecodeGraph(model, batch, blocks, block_size, scratch_block) if mode.startswith("graph") else None
         finally:
-            cuda_graph.FUSED_BATCH1, cuda_graph.PDL, fused_decode.PDL_TRIGGER = True, None, 1
+            cuda_graph.FUSED_BATCH1, cuda_graph.PDL, fused_decode.PDL_TRIGGER, fused_decode.L2_PREFETCH_BYTES = defaults
             fused_gemv.TUNED.update(tuned)
         meta = AttentionMetadata.build([prompt] * batch, [prompt] * batch, tables, block_size)
         next_ids = model(ids, meta).argmax(-1)
@@ -243,7 +275,7 @@ def decode_run(model, mode: str, batch: int, prompt: int, steps: int, block_size
 
 
 def decode_bench(path: Path, batches: list[int], prompt: int, steps: int, device: str, dtype: torch.dtype,
-                 ceiling: float, eager_torch: bool) -> tuple[dict, list[dict], object]:
+                 ceiling: float, eager_torch: bool, only: list[str] | None) -> tuple[dict, list[dict], object]:
     block_size = 16
     blocks_per_seq = (prompt + steps + block_size) // block_size
     cache_blocks = max(batches) * blocks_per_seq + 1  # + the graphs' scratch block
@@ -259,7 +291,7 @@ def decode_bench(path: Path, batches: list[int], prompt: int, steps: int, device
         mean_ctx = prompt + (steps + 1) / 2
         kv_bytes = 2 * batch * mean_ctx * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
         roofline = batch * ceiling / (weight_bytes + kv_bytes)
-        for mode in gpu_batch1.modes(batch, device, eager_torch):
+        for mode in gpu_batch1.modes(batch, device, eager_torch, only):
             try:
                 r = decode_run(model, mode, batch, prompt, steps, block_size, cache_blocks - 1, device)
             except Exception as e:  # one mode failing must not cost the others' numbers
@@ -336,6 +368,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-kernels", action="store_true")
     p.add_argument("--no-tune", action="store_true", help="keep the fused products' default tiles")
     p.add_argument("--eager-torch", action="store_true", help="also decode eagerly on the torch references")
+    p.add_argument("--modes", type=lambda s: s.split(","), help="run only these decode modes (gpu_batch1.modes)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_decode.json"))
     args = p.parse_args(argv)
     device = "cpu" if args.dry_run else "cuda"
@@ -355,6 +388,8 @@ def main(argv=None) -> int:
 
     ceiling = copy_bandwidth(device, (1 << 20) if args.dry_run else (2 << 30), 3 if args.dry_run else 20)
     result["copy_gbps"] = ceiling / 1e9
+    result["attention_backends"] = bench_attention_backends(device, dtype, args.dry_run, ceiling)
+    save()
     if not args.skip_kernels:
         result["kernels"] = bench_kernels(device, dtype, args.dry_run, ceiling)
         save()
@@ -377,7 +412,7 @@ def main(argv=None) -> int:
                                dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
         made_s = time.perf_counter() - t
         result["model"], result["decode"], model = decode_bench(path, batches, prompt, steps, device, dtype, ceiling,
-                                                                args.eager_torch)
+                                                                args.eager_torch, args.modes)
         result["model"]["checkpoint_made_s"] = made_s
         save()
         try:

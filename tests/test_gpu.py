@@ -309,3 +309,73 @@ def test_decode_graph_replays_its_eager_step_bitwise_in_bf16(small_ckpt, batch):
         own = model(ids, AttentionMetadata.build([1] * batch, lens, tables, 16).to("cuda"))
         assert rel(replayed, own) < 5e-2  # bf16 rounding (the model's own bf16 error vs fp32 is 2-4e-2)
         ids = own.argmax(-1)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("budget", [4 << 20, 1 << 30])
+def test_l2_prefetch_changes_no_bit_of_the_batch1_step(small_ckpt, monkeypatch, budget):
+    """kernels/l2_prefetch.py only hints the cache: the batch-1 graph whose kernels warm L2
+    with the next product's weights (a 4 MB prefix, and whole matrices) replays exactly the
+    logits and K/V of the graph without."""
+    from raypp.model import fused_decode
+    from raypp.model.cuda_graph import DecodeGraph
+
+    model = _worker(small_ckpt, cuda_graph_max_batch=0).model
+    model.allocate_kv_cache(65, 16)
+    plain = DecodeGraph(model, 1, max_blocks=8, block_size=16, scratch_block=64)
+    monkeypatch.setattr(fused_decode, "L2_PREFETCH_BYTES", budget)
+    assert fused_decode.prefetch_budget(torch.device("cuda")) == budget
+    warmed = DecodeGraph(model, 1, max_blocks=8, block_size=16, scratch_block=64)
+    assert plain.fused and warmed.fused
+    prompt = random_prompts(4096, [21])[0]
+    lens, tables = [len(prompt)], [list(range(8))]
+    ids = model(torch.tensor(prompt, device="cuda"), AttentionMetadata.build(lens, lens, tables, 16)).argmax(-1)
+    for _ in range(16):  # across a block boundary
+        lens = [lens[0] + 1]
+        ref = plain(ids, lens, tables).clone()
+        cache = model.layers["0"].self_attn.kv_cache.clone()
+        assert torch.equal(warmed(ids, lens, tables), ref)
+        assert torch.equal(model.layers["0"].self_attn.kv_cache, cache)
+        ids = ref.argmax(-1)
+
+
+flashinfer_only = pytest.mark.skipif(not ops.HAS_FLASHINFER, reason="flashinfer-python is not installed")
+
+
+@flashinfer_only
+@pytest.mark.parametrize("q_heads", [16, 32])
+def test_flashinfer_decode_matches_reference(q_heads):
+    """ops.decode_attention on FlashInfer, planned from AttentionMetadata's page lists (the
+    small and 1b presets' heads: 16 or 32 of 64 over 8 kv heads), against the reference;
+    a second step with other lengths re-plans."""
+    bs, kv_heads, dim = 16, 8, 64
+    k, v = randn(64 * bs, kv_heads, dim, dtype=torch.bfloat16), randn(64 * bs, kv_heads, dim, dtype=torch.bfloat16)
+    tables = torch.randperm(64)[:60].view(5, 12).tolist()
+    with ops.use("flashinfer"):
+        for lens in ([1, 17, 150, 191, 63], [2, 18, 151, 192, 64]):
+            meta = AttentionMetadata.build([1] * 5, lens, tables, bs).to("cuda")
+            q = randn(5, q_heads, dim, dtype=torch.bfloat16)
+            out = ops.decode_attention(q, k, v, meta, dim ** -0.5)
+            ref = paged_attention.paged_decode_attention_ref(q, k, v, meta.decode_tables, meta.decode_lens,
+                                                             meta.decode_max_len, bs, dim ** -0.5)
+            assert rel(out, ref) < TOL[torch.bfloat16]
+
+
+@flashinfer_only
+@torch.inference_mode()
+def test_model_decode_on_flashinfer_matches_triton(small_ckpt):
+    """The model's eager decode steps with FlashInfer's attention give Triton's logits up to
+    bf16 rounding, both teacher-forced on the same tokens."""
+    model = _worker(small_ckpt, cuda_graph_max_batch=0).model
+    prompts = random_prompts(4096, [9, 30])
+    lens = [len(p) for p in prompts]
+    tables = [[i * 8 + j for j in range(8)] for i in range(2)]
+    ids = model(torch.tensor(sum(prompts, []), device="cuda"), AttentionMetadata.build(lens, lens, tables, 16)).argmax(-1)
+    for _ in range(8):
+        lens = [n + 1 for n in lens]
+        logits = {}
+        for name in ("triton", "flashinfer"):
+            with ops.use(name):
+                logits[name] = model(ids, AttentionMetadata.build([1, 1], lens, tables, 16).to("cuda"))
+        assert rel(logits["flashinfer"], logits["triton"]) < 2e-2
+        ids = logits["triton"].argmax(-1)

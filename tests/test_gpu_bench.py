@@ -26,6 +26,7 @@ def test_gpu_decode_dry_run(tmp_path):
     assert {r["kernel"] for r in result["kernels"]} == {
         "rms_norm", "add_rms_norm", "silu_and_mul", "rope_and_cache", "gemv", "paged_decode_attention"}
     assert all(r["triton_gbps"] > 0 and r["torch_gbps"] > 0 for r in result["kernels"])
+    assert [r["triton_us"] > 0 for r in result["attention_backends"]] == [True]
     assert [(r["batch"], r["mode"]) for r in result["decode"]] == [
         (1, "eager-triton"), (1, "graph"), (1, "graph-unfused"), (2, "eager-triton")]
     for r in result["decode"]:

@@ -46,7 +46,9 @@ class AttentionMetadata:
     decode_tables: torch.Tensor    # [B, max blocks] int32 block table of each decode, padded with block 0
     decode_lens: torch.Tensor      # [B] int32 context length of each decode, the new token included
     decode_max_len: int            # the longest of decode_lens, known on the host
-    decode_pages: tuple            # FlashInfer's CSR page lists (indptr, indices, last page length), int32
+    # FlashInfer's CSR page lists (indptr, indices, last page length), int32; they stay on the
+    # host in `to`, where FlashInfer plans (a device copy would cost a sync every step).
+    decode_pages: tuple
     prefills: list[Prefill]
     block_size: int
     # The whole batch for the CPU kernels' one attention call (None in DecodeGraph's, made by hand):
@@ -100,7 +102,6 @@ class AttentionMetadata:
             return self
         move = lambda t: to_device(t, device) if isinstance(t, torch.Tensor) else t  # noqa: E731
         moved = {f.name: move(getattr(self, f.name)) for f in fields(self) if f.name not in ("prefills", "plans")}
-        moved["decode_pages"] = tuple(move(t) for t in self.decode_pages)
         prefills = [Prefill(p.rows, move(p.slots), None if p.mask is None else move(p.mask)) for p in self.prefills]
         return replace(self, **moved, prefills=prefills, plans={})
 

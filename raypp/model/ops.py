@@ -154,26 +154,28 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return paged_attention.paged_decode_attention_ref(*args)
     if name == "cpu":
         return cpu.paged_decode_attention(*args)
-    if name == "flashinfer":
+    if name == "flashinfer" and q.dtype != torch.float32:  # FlashInfer's decode takes 16-bit queries only
         return _flashinfer_decode(q, k_cache, v_cache, meta, scale)
     return paged_attention.paged_decode_attention(*args)
 
 
-_workspaces: dict[torch.device, torch.Tensor] = {}
+# One FlashInfer decode wrapper per device and shape, kept across steps: it allocates its
+# buffers (128 MB of device workspace, pinned host staging) once.
+_flashinfer_wrappers: dict[tuple, object] = {}
 
 
 def _flashinfer_decode(q, k_cache, v_cache, meta, scale):
-    # FlashInfer plans a batch once (page lists, work split) and then runs every layer on
-    # that plan, so the planned wrapper lives on the step's metadata.
+    # FlashInfer plans a batch on the host (page lists, work split) and every layer then runs on
+    # that plan: the first layer of a step plans, and the step's metadata remembers it.
     import flashinfer
 
-    key = (q.shape[1], k_cache.shape[1], q.shape[2], q.dtype)
-    wrapper = meta.plans.get(key)
+    key = (q.device, q.shape[1], k_cache.shape[1], q.shape[2], q.dtype)
+    wrapper = _flashinfer_wrappers.get(key)
     if wrapper is None:
-        if q.device not in _workspaces:
-            _workspaces[q.device] = torch.empty(128 << 20, dtype=torch.uint8, device=q.device)
-        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspaces[q.device], kv_layout="NHD")
-        indptr, indices, last_page_len = meta.flashinfer_pages
+        workspace = torch.empty(128 << 20, dtype=torch.uint8, device=q.device)
+        wrapper = _flashinfer_wrappers[key] = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, kv_layout="NHD")
+    if meta.plans.get(key) is not wrapper:
+        indptr, indices, last_page_len = meta.decode_pages
         wrapper.plan(indptr, indices, last_page_len, q.shape[1], k_cache.shape[1], q.shape[2], meta.block_size,
                      q_data_type=q.dtype, kv_data_type=k_cache.dtype, sm_scale=scale)
         meta.plans[key] = wrapper
