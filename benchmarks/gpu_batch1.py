@@ -51,24 +51,18 @@ def _call(mode: int, n: int, k: int, device: str, dtype: torch.dtype, copies: in
     return (lambda cfg, pdl: fg.fused_gemv(x, next(cycle), mode, norm=norm, cfg=cfg, pdl=pdl, **kw)), nbytes
 
 
-# The batch-1 graph with kernels/l2_prefetch.py on: each kernel warms L2 with this many MB of
-# the next product's weight (fused_decode.L2_PREFETCH_BYTES); 64 covers every matrix whole, 0 is
-# none (a second baseline run).
-PREFETCH_MB = (0, 4, 16, 64)
-
-
 def modes(batch: int, device: str, eager_torch: bool, only: list[str] | None = None) -> list[str]:
     """graph: as the worker captures it (at batch 1 the fused forward, PDL where supported,
-    tiles from --tune); graph-untuned: default tiles; graph-l2-<MB>: L2 prefetch of the next
-    product's weights; graph-early: each kernel lets the next launch as soon as its programs
-    start (fused_decode.PDL_TRIGGER 2); graph-nopdl: no dependent launches; graph-unfused:
-    Transformer.forward, one kernel per op; graph-cublas: that on cuBLAS.  only: keep these."""
+    tiles from --tune); graph-untuned: default tiles; graph-early: each kernel lets the next
+    launch as soon as its programs start (fused_decode.PDL_TRIGGER 2); graph-nopdl: no
+    dependent launches; graph-unfused: Transformer.forward, one kernel per op; graph-cublas:
+    that on cuBLAS.  only: keep these."""
     eager = (["eager-torch"] if eager_torch else []) + ["eager-triton"]
     if device != "cuda":  # --dry-run: a DecodeGraph runs its forward eagerly; the interpreter is slow
         graphs = ["graph", "graph-unfused"] if batch == 1 else []
     elif batch == 1:
-        graphs = ["graph"] + (["graph-untuned"] if fg.TUNED else []) + [f"graph-l2-{mb}" for mb in PREFETCH_MB] + [
-            "graph-early", "graph-nopdl", "graph-unfused", "graph-cublas"]
+        graphs = ["graph"] + (["graph-untuned"] if fg.TUNED else []) + ["graph-early", "graph-nopdl", "graph-unfused",
+                                                                      "graph-cublas"]
     else:
         graphs = ["graph"]
     return [m for m in eager + graphs if only is None or m in only]

@@ -215,13 +215,11 @@ def decode_run(model, mode: str, batch: int, prompt: int, steps: int, block_size
     from kernels import fused_gemv
     from raypp.model import cuda_graph, fused_decode
 
-    defaults = cuda_graph.FUSED_BATCH1, cuda_graph.PDL, fused_decode.PDL_TRIGGER, fused_decode.L2_PREFETCH_BYTES
+    defaults = cuda_graph.FUSED_BATCH1, cuda_graph.PDL, fused_decode.PDL_TRIGGER
     ops.use_gemv = mode != "graph-cublas"
     cuda_graph.FUSED_BATCH1 = mode not in ("graph-unfused", "graph-cublas")
     cuda_graph.PDL = False if mode == "graph-nopdl" else None
     fused_decode.PDL_TRIGGER = 2 if mode == "graph-early" else 1
-    if mode.startswith("graph-l2-"):
-        fused_decode.L2_PREFETCH_BYTES = int(mode.rsplit("-", 1)[1]) << 20
     tuned = dict(fused_gemv.TUNED)
     if mode == "graph-untuned":
         fused_gemv.TUNED.clear()
@@ -230,7 +228,7 @@ def decode_run(model, mode: str, batch: int, prompt: int, steps: int, block_size
         try:
             graph = DecodeGraph(model, batch, blocks, block_size, scratch_block) if mode.startswith("graph") else None
         finally:
-            cuda_graph.FUSED_BATCH1, cuda_graph.PDL, fused_decode.PDL_TRIGGER, fused_decode.L2_PREFETCH_BYTES = defaults
+            cuda_graph.FUSED_BATCH1, cuda_graph.PDL, fused_decode.PDL_TRIGGER = defaults
             fused_gemv.TUNED.update(tuned)
         meta = AttentionMetadata.build([prompt] * batch, [prompt] * batch, tables, block_size)
         next_ids = model(ids, meta).argmax(-1)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import activation, jit, l2_prefetch, rmsnorm, rotary, tl, triton
+from kernels import activation, jit, rmsnorm, rotary, tl, triton
 
 PLAIN, RESIDUAL, SILU, ROPE = 0, 1, 2, 3
 # (mode, n, k) -> (HALF, BLOCK_K, num_warps, num_stages), set from measurements
@@ -61,10 +61,8 @@ def fused_gemv_ref(x, weight, mode=PLAIN, norm=None, bias=None, out=None, pair_o
 @jit
 def _fused_gemv_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, y_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, slot_ptr,
                        n, k, stride_w, eps, pair_offset, q_heads, kv_heads, stride_cache,
-                       pf_ptr, pf_rows, pf_stride, pf_cols,
                        MODE: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HALF: tl.constexpr,
-                       ROPE_HALF: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
-                       PREFETCH: tl.constexpr, PF_LINE: tl.constexpr, EVICT: tl.constexpr):
+                       ROPE_HALF: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
     r = tl.arange(0, HALF)
     if MODE == 3:  # ROPE: dims d and d + ROPE_HALF of one head
@@ -87,10 +85,8 @@ def _fused_gemv_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, y_ptr, kc_ptr, vc_ptr, cos_p
         tl.extra.cuda.gdc_launch_dependents()
     wa_ptrs = w_ptr + rows_a.to(tl.int64)[:, None] * stride_w + cols[None, :]
     wb_ptrs = w_ptr + rows_b.to(tl.int64)[:, None] * stride_w + cols[None, :]
-    wa = tl.load(wa_ptrs, mask=mask_a[:, None] & (cols < k)[None, :], other=0.0, eviction_policy=EVICT)
-    wb = tl.load(wb_ptrs, mask=mask_b[:, None] & (cols < k)[None, :], other=0.0, eviction_policy=EVICT)
-    if PREFETCH:  # the next product's first columns (kernels/l2_prefetch.py)
-        l2_prefetch.prefetch(pf_ptr, pf_rows, pf_stride, pf_cols, pid, tl.num_programs(0), PF_LINE, 256)
+    wa = tl.load(wa_ptrs, mask=mask_a[:, None] & (cols < k)[None, :], other=0.0)
+    wb = tl.load(wb_ptrs, mask=mask_b[:, None] & (cols < k)[None, :], other=0.0)
     if USE_PDL > 0:
         # Everything above reads weights only; from here on the previous kernel's output.
         tl.extra.cuda.gdc_wait()
@@ -114,10 +110,8 @@ def _fused_gemv_kernel(x_ptr, w_ptr, b_ptr, nw_ptr, y_ptr, kc_ptr, vc_ptr, cos_p
         acc_a += wa.to(tl.float32) * xf
         acc_b += wb.to(tl.float32) * xf
         cn = c + BLOCK_K
-        wa = tl.load(wa_ptrs + (k0 + BLOCK_K), mask=mask_a[:, None] & (cn < k)[None, :], other=0.0,
-                     eviction_policy=EVICT)
-        wb = tl.load(wb_ptrs + (k0 + BLOCK_K), mask=mask_b[:, None] & (cn < k)[None, :], other=0.0,
-                     eviction_policy=EVICT)
+        wa = tl.load(wa_ptrs + (k0 + BLOCK_K), mask=mask_a[:, None] & (cn < k)[None, :], other=0.0)
+        wb = tl.load(wb_ptrs + (k0 + BLOCK_K), mask=mask_b[:, None] & (cn < k)[None, :], other=0.0)
     ya = tl.sum(acc_a, axis=1)
     yb = tl.sum(acc_b, axis=1)
     if HAS_BIAS:
@@ -178,14 +172,13 @@ def config(mode: int, n: int, k: int, device: torch.device, pair_offset: int = 0
 
 
 def fused_gemv(x, weight, mode=PLAIN, norm=None, bias=None, out=None, pair_offset=0, rope=None,
-               out_dtype=None, pdl=False, cfg=None, prefetch=None):
+               out_dtype=None, pdl=False, cfg=None):
     """x [1, K] contiguous; weight [N, K] (unit stride in K).  norm: (weight, eps) of an
     RMSNorm applied to x first.  mode PLAIN returns y [1, N] (in out_dtype if given);
     RESIDUAL adds y into `out` [1, N] in place and returns it; SILU returns
     silu(y[:, :pair_offset]) * y[:, pair_offset:2 * pair_offset]; ROPE takes rope = (cos, sin,
     k_cache, v_cache, slots, q_heads, kv_heads, head_dim) (caches [slots, Hkv, D], heads
-    contiguous), writes k and v, returns q rotated [1, q_heads * head_dim].  prefetch: an
-    l2_prefetch.Prefix of the next kernel's weight to warm L2 with (compiled CUDA only)."""
+    contiguous), writes k and v, returns q rotated [1, q_heads * head_dim]."""
     n, k = weight.shape
     assert x.shape == (1, k) and x.is_contiguous() and weight.stride(1) == 1
     dummy = weight
@@ -215,6 +208,5 @@ def fused_gemv(x, weight, mode=PLAIN, norm=None, bias=None, out=None, pair_offse
         x, weight, bias if bias is not None else dummy, norm[0] if norm is not None else dummy, out, kc, vc,
         cos, sin, slots, n, k, weight.stride(0), norm[1] if norm is not None else 0.0, pair_offset,
         q_heads, kv_heads, stride_cache, MODE=mode, NORM=norm is not None, HAS_BIAS=bias is not None,
-        HALF=half, ROPE_HALF=max(rope_half, 1), BLOCK_K=block_k, USE_PDL=int(pdl),
-        **l2_prefetch.kernel_args(prefetch, dummy), **launch)
+        HALF=half, ROPE_HALF=max(rope_half, 1), BLOCK_K=block_k, USE_PDL=int(pdl), **launch)
     return out

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import jit, l2_prefetch, tl, triton
+from kernels import jit, tl, triton
 
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -54,18 +54,13 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
 @jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, stats_ptr, tables_ptr, lens_ptr, scale, split_len,
                    stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                   stride_ob, stride_oh, stride_tb, pf_ptr, pf_rows, pf_stride, pf_cols,
+                   stride_ob, stride_oh, stride_tb,
                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SPLITS: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
-                   PREFETCH: tl.constexpr, PF_LINE: tl.constexpr, EVICT: tl.constexpr):
+                   SPLITS: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    if PREFETCH:  # the o product's first columns, while this latency-bound kernel leaves HBM idle
-        part = (tl.program_id(0) * tl.num_programs(1) + kvh) * SPLITS + split
-        l2_prefetch.prefetch(pf_ptr, pf_rows, pf_stride, pf_cols, part,
-                             tl.num_programs(0) * tl.num_programs(1) * SPLITS, PF_LINE, 256)
     if USE_PDL == 2:  # (kernels/fused_gemv.py: the next kernel may launch now)
         tl.extra.cuda.gdc_launch_dependents()
     if USE_PDL > 0:  # launched while the previous kernel drains: wait for its q and cache writes
@@ -89,10 +84,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, stats_ptr, tables_ptr
         block = tl.load(tables_ptr + b * stride_tb + n // BLOCK_SIZE, mask=n_mask, other=0)
         slot = block.to(tl.int64) * BLOCK_SIZE + n % BLOCK_SIZE
         nd_mask = n_mask[:, None] & (d[None, :] < HEAD_DIM)
-        k = tl.load(k_ptr + slot[:, None] * stride_kt + kvh * stride_kh + d[None, :], mask=nd_mask, other=0.0,
-                    eviction_policy=EVICT)
-        v = tl.load(v_ptr + slot[:, None] * stride_vt + kvh * stride_vh + d[None, :], mask=nd_mask, other=0.0,
-                    eviction_policy=EVICT)
+        k = tl.load(k_ptr + slot[:, None] * stride_kt + kvh * stride_kh + d[None, :], mask=nd_mask, other=0.0)
+        v = tl.load(v_ptr + slot[:, None] * stride_vt + kvh * stride_vh + d[None, :], mask=nd_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK_N], fp32
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -151,12 +144,11 @@ def num_splits(batch: int, kv_heads: int, max_len: int, block_n: int, device: to
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, max_len: int,
                            block_size: int, scale: float, splits: int | None = None,
-                           pdl: int = 0, prefetch: l2_prefetch.Prefix | None = None) -> torch.Tensor:
+                           pdl: int = 0) -> torch.Tensor:
     """Same contract as the reference; block_tables and context_lens are int32.  `splits`
     (a power of two) overrides num_splits; it depends only on host ints, so a CUDA graph
     captured for one max_len replays the same launch.  pdl (0, 1 or 2): launch as a programmatic
-    dependent of the previous kernel (Hopper; the fused batch-1 decode, see fused_gemv.py).
-    prefetch: the next product's weight prefix to warm L2 with (kernels/l2_prefetch.py)."""
+    dependent of the previous kernel (Hopper; the fused batch-1 decode, see fused_gemv.py)."""
     batch, q_heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     group = q_heads // kv_heads
@@ -174,7 +166,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _decode_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, out, part, stats, block_tables, context_lens, scale, split_len,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        out.stride(0), out.stride(1), block_tables.stride(0), **l2_prefetch.kernel_args(prefetch, q),
+        out.stride(0), out.stride(1), block_tables.stride(0),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLITS=splits,
         # fp32 caches get exact fp32 products, not Triton's default tf32; 16-bit ones ignore this.

@@ -311,34 +311,6 @@ def test_decode_graph_replays_its_eager_step_bitwise_in_bf16(small_ckpt, batch):
         ids = own.argmax(-1)
 
 
-@torch.inference_mode()
-@pytest.mark.parametrize("budget", [4 << 20, 1 << 30])
-def test_l2_prefetch_changes_no_bit_of_the_batch1_step(small_ckpt, monkeypatch, budget):
-    """kernels/l2_prefetch.py only hints the cache: the batch-1 graph whose kernels warm L2
-    with the next product's weights (a 4 MB prefix, and whole matrices) replays exactly the
-    logits and K/V of the graph without."""
-    from raypp.model import fused_decode
-    from raypp.model.cuda_graph import DecodeGraph
-
-    model = _worker(small_ckpt, cuda_graph_max_batch=0).model
-    model.allocate_kv_cache(65, 16)
-    plain = DecodeGraph(model, 1, max_blocks=8, block_size=16, scratch_block=64)
-    monkeypatch.setattr(fused_decode, "L2_PREFETCH_BYTES", budget)
-    assert fused_decode.prefetch_budget(torch.device("cuda")) == budget
-    warmed = DecodeGraph(model, 1, max_blocks=8, block_size=16, scratch_block=64)
-    assert plain.fused and warmed.fused
-    prompt = random_prompts(4096, [21])[0]
-    lens, tables = [len(prompt)], [list(range(8))]
-    ids = model(torch.tensor(prompt, device="cuda"), AttentionMetadata.build(lens, lens, tables, 16)).argmax(-1)
-    for _ in range(16):  # across a block boundary
-        lens = [lens[0] + 1]
-        ref = plain(ids, lens, tables).clone()
-        cache = model.layers["0"].self_attn.kv_cache.clone()
-        assert torch.equal(warmed(ids, lens, tables), ref)
-        assert torch.equal(model.layers["0"].self_attn.kv_cache, cache)
-        ids = ref.argmax(-1)
-
-
 flashinfer_only = pytest.mark.skipif(not ops.HAS_FLASHINFER, reason="flashinfer-python is not installed")
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import activation, cpu, fused_gemv, gemv, l2_prefetch, paged_attention, rmsnorm, rotary
+from kernels import activation, cpu, fused_gemv, gemv, paged_attention, rmsnorm, rotary
 
 if not kernels.HAS_TRITON:
     pytest.skip("triton is not installed (pip install -e '.[dev]' brings it)", allow_module_level=True)
@@ -154,22 +154,6 @@ def test_paged_decode_attention_split_context(dtype):
     args = paged_case([300, 20], 8, 2, 32, 16, dtype, seed=21)
     out = paged_attention.paged_decode_attention(*args, splits=4)
     assert_close(out, paged_attention.paged_decode_attention_ref(*args), dtype)
-
-
-def test_l2_prefetch_prefix_is_whole_lines_of_every_row_within_the_budget():
-    """kernels/l2_prefetch.py's prefix: the first columns of every row, whole 128-byte lines,
-    no more than the budget and no more than the matrix; nothing when not one line per row fits
-    (the prefetch itself is PTX: tests/test_gpu.py checks it changes no bit)."""
-    w = torch.empty(3072, 2048, dtype=torch.bfloat16)
-    pf = l2_prefetch.prefix(w, 4 << 20)
-    assert (pf.rows, pf.stride, pf.cols) == (3072, 2048, 640)  # 682 columns fit, 10 lines of 64
-    assert pf.nbytes <= 4 << 20
-    assert l2_prefetch.prefix(w, 1 << 30).cols == 2048
-    assert l2_prefetch.prefix(w[:, :1000], 1 << 30).stride == 2048
-    assert l2_prefetch.prefix(torch.empty(8, 8, dtype=torch.float32), 1 << 30).cols == 8
-    assert l2_prefetch.prefix(w, 3072 * 127) is None
-    assert l2_prefetch.prefix(w, 0) is None and l2_prefetch.prefix(None, 1 << 20) is None
-    assert l2_prefetch.kernel_args(None, w)["PREFETCH"] == 0
 
 
 def test_default_backend_on_cpu_is_not_triton_and_can_be_forced():

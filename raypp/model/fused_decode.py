@@ -10,10 +10,7 @@ and tails, not bytes, made up a quarter of the step.  Here the small ops ride on
     -> norm + gate/up + SiLU-and-mul -> down + residual add
 
 and, on Hopper, each kernel is a programmatic dependent launch of the one before, so its
-start and its first weight tile overlap the previous kernel's drain.  With L2_PREFETCH_BYTES,
-the kernel launched just before each product also warms L2 with that product's first
-columns (kernels/l2_prefetch.py): attention for o, o for gate/up, gate/up for down, down for
-the next layer's q/k/v or the head.  The residual stream is
+start and its first weight tile overlap the previous kernel's drain.  The residual stream is
 one [1, d] buffer that the o and down products add into.  Same math and roundings as
 `Transformer.forward`; only the products' summation order differs (tests pin both).
 """
@@ -22,28 +19,17 @@ from __future__ import annotations
 import torch
 
 import kernels
-from kernels import fused_gemv, l2_prefetch, paged_attention
+from kernels import fused_gemv, paged_attention
 from kernels.fused_gemv import PLAIN, RESIDUAL, ROPE, SILU
 from raypp.model.rope import rope_cos_sin
 
 
-def _compiled(device: torch.device) -> bool:
-    return device.type == "cuda" and kernels.HAS_TRITON and not kernels.INTERPRETED
-
-
 def pdl_available(device: torch.device) -> bool:
     """Programmatic dependent launch: compiled Triton with grid dependency control, sm_90+."""
-    if not _compiled(device):
+    if device.type != "cuda" or not kernels.HAS_TRITON or kernels.INTERPRETED:
         return False
     cuda = getattr(getattr(kernels.tl, "extra", None), "cuda", None)
     return hasattr(cuda, "gdc_wait") and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def prefetch_budget(device: torch.device) -> int:
-    """L2_PREFETCH_BYTES where kernels can prefetch into L2 (compiled, sm_80+), else 0."""
-    if not _compiled(device) or torch.cuda.get_device_capability(device)[0] < 8:
-        return 0
-    return L2_PREFETCH_BYTES
 
 
 def eligible(model) -> bool:
@@ -65,9 +51,6 @@ def eligible(model) -> bool:
 # (0.89 against 0.80 ms a step, docs/benchmarks.md): the early programs hold the SMs while
 # they wait.  A switch for benchmarks.
 PDL_TRIGGER = 1
-# Bytes of the next product's weight that the kernel before it prefetches into L2 (the first
-# columns of every row); 0: none.  A switch for benchmarks.
-L2_PREFETCH_BYTES = 0
 
 
 def forward(model, x: torch.Tensor, meta, pdl: bool = False) -> torch.Tensor:
@@ -79,11 +62,7 @@ def forward(model, x: torch.Tensor, meta, pdl: bool = False) -> torch.Tensor:
     if model.inv_freq.device != h.device:
         model.inv_freq = model.inv_freq.to(h.device)
     cos, sin = rope_cos_sin(meta.positions, model.inv_freq, h.dtype)
-    budget = prefetch_budget(h.device)
-    layers = list(model.layers.values())
-    # What each layer's down product warms L2 for: the next layer's q/k/v, or the head.
-    after_down = [layer.self_attn.qkv[0] for layer in layers[1:]] + [getattr(model.lm_head, "weight", None)]
-    for layer, next_weight in zip(layers, after_down):
+    for layer in model.layers.values():
         attn, mlp = layer.self_attn, layer.mlp
         ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
         hd, kv_heads = attn.head_dim, attn.local_kv_heads
@@ -94,14 +73,11 @@ def forward(model, x: torch.Tensor, meta, pdl: bool = False) -> torch.Tensor:
                                   rope=(cos, sin, cache[0], cache[1], meta.slot_mapping, q_heads, kv_heads, hd))
         o = paged_attention.paged_decode_attention(
             q.view(1, q_heads, hd), cache[0], cache[1], meta.decode_tables, meta.decode_lens, meta.decode_max_len,
-            meta.block_size, hd ** -0.5, pdl=pdl, prefetch=l2_prefetch.prefix(attn.o_proj.weight, budget))
+            meta.block_size, hd ** -0.5, pdl=pdl)
+        fused_gemv.fused_gemv(o.view(1, -1), attn.o_proj.weight, RESIDUAL, out=h, pdl=pdl)
         gate_up, _, (inter, _) = mlp.gate_up
-        fused_gemv.fused_gemv(o.view(1, -1), attn.o_proj.weight, RESIDUAL, out=h, pdl=pdl,
-                              prefetch=l2_prefetch.prefix(gate_up, budget))
-        act = fused_gemv.fused_gemv(h, gate_up, SILU, norm=(ln2.weight, ln2.eps), pair_offset=inter, pdl=pdl,
-                                    prefetch=l2_prefetch.prefix(mlp.down_proj.weight, budget))
-        fused_gemv.fused_gemv(act, mlp.down_proj.weight, RESIDUAL, out=h, pdl=pdl,
-                              prefetch=l2_prefetch.prefix(next_weight, budget))
+        act = fused_gemv.fused_gemv(h, gate_up, SILU, norm=(ln2.weight, ln2.eps), pair_offset=inter, pdl=pdl)
+        fused_gemv.fused_gemv(act, mlp.down_proj.weight, RESIDUAL, out=h, pdl=pdl)
     if model.lm_head is None:
         return h
     return fused_gemv.fused_gemv(h, model.lm_head.weight, PLAIN, norm=(model.norm.weight, model.norm.eps),
