@@ -44,3 +44,30 @@ def test_cpu_worker_builds_no_graphs(tiny_ckpt):
     assert worker.graphs is None
     off = StageWorker(str(tiny_ckpt), "float32", layout, 0, 0, num_blocks=4, block_size=16, cuda_graph_max_batch=0)
     assert worker.kv_cache_bytes == off.kv_cache_bytes  # no scratch block either
+
+
+def test_graph_inputs_stage_every_index_of_a_step_in_one_buffer():
+    """raypp/model/graph_inputs.py: a step's token ids, positions, slots, lengths and block
+    tables land in the device views the graph reads; padding rows are one-token contexts in
+    the scratch block and keep their earlier ids; a stage without ids has no ids row."""
+    import torch
+
+    from raypp.model.graph_inputs import GraphInputs
+
+    inputs = GraphInputs(batch=4, max_blocks=5, block_size=16, scratch_block=99, token_ids=True,
+                         device=torch.device("cpu"))
+    assert inputs.tables.tolist() == [[99] * 5] * 4 and inputs.lens.tolist() == [1] * 4
+    inputs.stage([7, 8, 9], [3, 17, 40], [[4], [5, 6], [1, 2, 3]])
+    assert inputs.ids.tolist() == [7, 8, 9, 0]
+    assert inputs.positions.tolist() == [2, 16, 39, 0]
+    assert inputs.slots.tolist() == [4 * 16 + 2, 6 * 16 + 0, 3 * 16 + 7, 99 * 16]
+    assert inputs.lens.tolist() == [3, 17, 40, 1]
+    assert inputs.tables[:, :3].tolist() == [[4, 99, 99], [5, 6, 99], [1, 2, 3], [99, 99, 99]]
+    assert inputs.lens.dtype == inputs.tables.dtype == torch.int32 and inputs.slots.dtype == torch.int64
+    inputs.stage([11], [4], [[4]])
+    assert inputs.ids.tolist() == [11, 8, 9, 0] and inputs.positions.tolist() == [3, 0, 0, 0]
+    assert inputs.lens.tolist() == [4, 1, 1, 1] and inputs.tables[:, 0].tolist() == [4, 99, 99, 99]
+    hidden = GraphInputs(batch=2, max_blocks=3, block_size=16, scratch_block=7, token_ids=False,
+                         device=torch.device("cpu"))
+    hidden.stage(None, [1, 2], [[0], [1]])
+    assert hidden.ids is None and hidden.slots.tolist() == [0, 17]

@@ -3,8 +3,9 @@
 Eager decode of a ~1B model launches ~15 kernels per layer; at batch 1 each runs for a few
 microseconds, so the host's launch time, not memory bandwidth, sets the step time.  A graph
 replays the whole step with one launch.  `DecodeGraph` is captured for one batch size and one
-maximum context (block-table width); each step copies that step's few indices (positions,
-slots, block tables, lengths) into the graph's input buffers and replays.  `DecodeGraphs` is
+maximum context (block-table width); each step copies that step's few indices (token ids,
+positions, slots, block tables, lengths) into the graph's input buffer in one copy
+(graph_inputs.py) and replays.  `DecodeGraphs` is
 a worker's set of them: a decode of n sequences replays the graph of the next bucket
 (1, 2, 4, ... up to a cap; graph_batches.py), captured the first time a step needs it.
 
@@ -25,6 +26,7 @@ import torch
 from raypp.model import fused_decode, ops
 from raypp.model.attention import AttentionMetadata
 from raypp.model.graph_batches import graph_batch
+from raypp.model.graph_inputs import GraphInputs
 
 # The batch-1 graph runs fused_decode.forward where fused_decode.eligible; PDL None: where
 # the GPU and Triton support it.  Both are switches for benchmarks and tests.
@@ -41,21 +43,17 @@ class DecodeGraph:
         weight = next(model.parameters())
         device = weight.device
         self.batch, self.block_size, self.scratch_block = batch, block_size, scratch_block
+        self.inputs = GraphInputs(batch, max_blocks, block_size, scratch_block, model.embed_tokens is not None, device)
+        inputs = self.inputs
         if model.embed_tokens is not None:
-            self.x = torch.zeros(batch, dtype=torch.long, device=device)
+            self.x = inputs.ids
         else:
             self.x = torch.zeros(batch, model.cfg.hidden_size, dtype=weight.dtype, device=device)
-        # Positions and new-token slots in one buffer (one host copy a step); lengths and
-        # block tables stay int32 like the eager metadata's.  Until a step fills them, every
-        # row is a one-token context in the scratch block.
-        self.index = torch.tensor([[0] * batch, [scratch_block * block_size] * batch], device=device)
-        self.lens = torch.ones(batch, dtype=torch.int32, device=device)
-        self.tables = torch.full((batch, max_blocks), scratch_block, dtype=torch.int32, device=device)
         rows = torch.arange(batch, device=device)
         # Kept: the graph reads every tensor of it (logits_rows too) at the addresses of capture.
         self.meta = AttentionMetadata(
-            positions=self.index[0], slot_mapping=self.index[1], logits_rows=rows, decode_rows=rows,
-            decode_tables=self.tables, decode_lens=self.lens, decode_max_len=max_blocks * block_size,
+            positions=inputs.positions, slot_mapping=inputs.slots, logits_rows=rows, decode_rows=rows,
+            decode_tables=inputs.tables, decode_lens=inputs.lens, decode_max_len=max_blocks * block_size,
             decode_pages=(), prefills=[], block_size=block_size)
         self.fused = batch == 1 and FUSED_BATCH1 and fused_decode.eligible(model)
         self.pdl = self.fused and (fused_decode.pdl_available(device) if PDL is None else PDL)
@@ -92,24 +90,16 @@ class DecodeGraph:
         with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.out = forward(self.x, self.meta)
 
-    def __call__(self, x: torch.Tensor, seq_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor:
-        """One decode step of len(seq_lens) <= batch sequences.  x: their input (token ids [n]
-        or hidden states [n, d]) on the device; seq_lens[i]: sequence i's context, the new
-        token included; block_tables[i]: its cache blocks.  Returns the graph's output rows
-        of those sequences (logits or hidden states), valid until the next replay."""
-        n, bs, pad = len(seq_lens), self.block_size, self.batch - len(seq_lens)
-        positions = [s - 1 for s in seq_lens]
-        slots = [t[p // bs] * bs + p % bs for t, p in zip(block_tables, positions)]
-        width = (max(seq_lens) + bs - 1) // bs  # the kernel reads no column past a row's length
-        filler = [self.scratch_block] * width
-        tables = [(t[:width] + filler)[:width] for t in block_tables] + [filler] * pad
-        pin = self.graph is not None
-        index = torch.tensor([positions + [0] * pad, slots + [self.scratch_block * bs] * pad], pin_memory=pin)
-        lens = torch.tensor(seq_lens + [1] * pad, dtype=torch.int32, pin_memory=pin)
-        self.index.copy_(index, non_blocking=True)
-        self.lens.copy_(lens, non_blocking=True)
-        self.tables[:, :width].copy_(torch.tensor(tables, dtype=torch.int32, pin_memory=pin), non_blocking=True)
-        self.x[:n].copy_(x)  # padding rows keep earlier inputs: finite, and their outputs are dropped
+    def __call__(self, x: torch.Tensor | list[int], seq_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """One decode step of len(seq_lens) <= batch sequences.  x: their input, token ids as a
+        host list (staged with the other indices) or on the device, or hidden states [n, d] on
+        the device; seq_lens[i]: sequence i's context, the new token included; block_tables[i]:
+        its cache blocks.  Returns the graph's output rows of those sequences (logits or hidden
+        states), valid until the next replay."""
+        n = len(seq_lens)
+        self.inputs.stage(x if isinstance(x, list) else None, seq_lens, block_tables)
+        if not isinstance(x, list):
+            self.x[:n].copy_(x)  # padding rows keep earlier inputs: finite, and their outputs are dropped
         if self.graph is None:
             with ops.use("triton"):
                 self.out = self.forward(self.x, self.meta)
@@ -143,7 +133,8 @@ class DecodeGraphs:
     def batch_for(self, query_lens: list[int], seq_lens: list[int], all_logits: bool) -> int | None:
         return graph_batch(query_lens, seq_lens, all_logits, self.max_batch, self.max_blocks * self.block_size)
 
-    def run(self, x: torch.Tensor, seq_lens: list[int], block_tables: list[list[int]], batch: int) -> torch.Tensor:
+    def run(self, x: torch.Tensor | list[int], seq_lens: list[int], block_tables: list[list[int]],
+            batch: int) -> torch.Tensor:
         """A decode step replayed at `batch` (from batch_for)."""
         graph = self.graphs.get(batch)
         if graph is None:

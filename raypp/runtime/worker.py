@@ -121,7 +121,9 @@ class StageWorker:
         wait_from = time.perf_counter()
         prep = wait_from - start
         if self.first:
-            x = to_device(torch.tensor(self._input_ids(step), dtype=torch.long), self.device)
+            x = self._input_ids(step)
+            if not graph_batch:  # a graph stages the ids with its other indices, in one copy
+                x = to_device(torch.tensor(x, dtype=torch.long), self.device)
             token_wait = time.perf_counter() - wait_from
             wait_from = time.perf_counter()
         else:
