@@ -4,8 +4,8 @@ A replay reads its inputs at the addresses of capture: token ids (a stage that e
 positions, new-token slots, context lengths and block tables.  They live in one device
 buffer, typed views of its bytes, and each step fills one pinned host buffer of the same
 layout and copies it in with one non-blocking copy.  Four freshly pinned tensors and four
-copies a step cost ~40 us of host time more, all of it with the GPU idle at batch 1, where
-the whole replay takes ~1 ms.
+copies a step cost host time while the GPU waits: on an H100 the worker's graph step took
+1.03-1.06x the time at batch 1 to 64 (docs/benchmarks.md).
 
 The host buffer is reused, so a step first waits for the previous step's copy to have read
 it (an event; long done in steady state, since the caller waited for that step's ids).
