@@ -151,6 +151,31 @@ def test_user_hardware_yaml(tmp_path):
         load_yaml(bad)
 
 
+def test_hardware_file_keeps_small_fitted_costs_as_numbers(tmp_path):
+    # `raypp calibrate` can fit a per-step cost under 0.1 ms; written as `5e-05`, YAML 1.1 read it
+    # back as a string and `raypp plan --hardware` failed adding it to a float.
+    from dataclasses import fields, replace
+
+    from raypp.planner.live_fit import hardware_yaml
+
+    cpu = DEVICES["cpu-epyc-2core"]
+    eff = replace(cpu.efficiency, step_overhead=5e-05, layer_overhead_decode=1.25e-06, call_overhead=0.0)
+    f = tmp_path / "fitted.yaml"
+    f.write_text(hardware_yaml(cpu, eff, "cpu-fitted", "test"))
+    got = load_yaml(f)[0]["cpu-fitted"].efficiency
+    for fd in fields(eff):
+        assert getattr(got, fd.name) == pytest.approx(getattr(eff, fd.name), rel=1e-5), fd.name
+        assert type(getattr(got, fd.name)) is type(getattr(eff, fd.name)), fd.name
+    hand = tmp_path / "hand.yaml"
+    text = ("gpus:\n  g: {memory_gb: 1, bandwidth_gbs: 1, tflops: {fp32: 1}, source: s,\n"
+            "      efficiency: {step_overhead: 5e-05, host_cores: 2}}\n")
+    hand.write_text(text)
+    assert load_yaml(hand)[0]["g"].efficiency.step_overhead == 5e-05
+    hand.write_text(text.replace("host_cores", "cores"))
+    with pytest.raises(UserError, match="efficiency takes numbers for bw, "):
+        load_yaml(hand)
+
+
 def test_plan_prefers_tp_for_latency_and_lists_misfits():
     m = PRESETS["llama-3-70b"]
     wl = Workload(dtype="bf16", concurrency=1, input_len=1000, output_len=200)

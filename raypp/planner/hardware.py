@@ -7,7 +7,7 @@ changes the calibration.  Users add hardware with a YAML file (`load_yaml`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from raypp.errors import UserError
@@ -194,6 +194,17 @@ def get_link(name: str, extra: dict[str, Link] | None = None) -> Link:
     return catalog[_norm(name)]
 
 
+def _efficiency(path, gpu: str, values) -> Efficiency:
+    """A hardware file's `efficiency:` mapping as numbers of each field's type (a hand-written
+    `5e-05` is a string to YAML 1.1), every unknown field named."""
+    defaults = Efficiency()
+    try:
+        return replace(defaults, **{k: type(getattr(defaults, k))(v) for k, v in dict(values).items()})
+    except (AttributeError, TypeError, ValueError) as e:
+        known = ", ".join(f.name for f in fields(Efficiency))
+        raise UserError(f"{path}: gpu {gpu!r}: efficiency takes numbers for {known} ({e})") from None
+
+
 def load_yaml(path: str | Path) -> tuple[dict[str, Device], dict[str, Link]]:
     """Read user hardware.  Units are the datasheet's: GB, GB/s, TFLOPS, microseconds.
 
@@ -225,7 +236,7 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Device], dict[str, Link]]:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise UserError(f"{path}: gpu {name!r} needs memory_gb, bandwidth_gbs, tflops and source ({e})") from None
         if "efficiency" in d:
-            dev = replace(dev, efficiency=replace(Efficiency(), **d["efficiency"]))
+            dev = replace(dev, efficiency=_efficiency(path, name, d["efficiency"]))
         for ln in (dev.intra_link, dev.network):
             get_link(ln, links)
         devices[dev.name] = dev

@@ -263,15 +263,23 @@ def predicted_phase(model: ModelSpec, layout: Layout, cluster: Cluster, ph: Phas
                                                    _prompts_per_forward(ph)), bubble)
 
 
+def _yaml_number(v: float) -> str:
+    """v to 6 significant digits as YAML reads a number back: YAML 1.1 (PyYAML) takes `5e-05`,
+    which `:g` writes for a fitted cost under 0.1 ms, for a string; `5.0e-05` is a float."""
+    text = f"{v:.6g}"
+    mantissa, e, exponent = text.partition("e")
+    return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text
+
+
 def hardware_yaml(dev: Device, eff: Efficiency, name: str, source: str) -> str:
     """A `--hardware` file: the base device's peaks under a new name, with the fitted factors."""
-    tflops = ", ".join(f"{k}: {v / 1e12:.6g}" for k, v in dev.flops.items())
-    effs = ", ".join(f"{f.name}: {getattr(eff, f.name):.6g}" for f in fields(Efficiency))
+    tflops = ", ".join(f"{k}: {_yaml_number(v / 1e12)}" for k, v in dev.flops.items())
+    effs = ", ".join(f"{f.name}: {_yaml_number(getattr(eff, f.name))}" for f in fields(Efficiency))
     return (f"# Written by `raypp calibrate`; use with `raypp plan --hardware FILE --gpu {name}`.\n"
             f"gpus:\n"
             f"  {name}:\n"
-            f"    memory_gb: {dev.memory / 1e9:.6g}\n"
-            f"    bandwidth_gbs: {dev.bandwidth / 1e9:.6g}\n"
+            f"    memory_gb: {_yaml_number(dev.memory / 1e9)}\n"
+            f"    bandwidth_gbs: {_yaml_number(dev.bandwidth / 1e9)}\n"
             f"    tflops: {{{tflops}}}\n"
             f"    intra_link: {dev.intra_link}\n"
             f"    network: {dev.network}\n"
