@@ -28,12 +28,18 @@ class GraphInputs:
         (self.ids, self.positions, self.slots, self.lens, self.tables) = self._views(self.device_bytes, rows64)
         host = self._views(self.host_bytes, rows64)
         self._host = [None if t is None else t.numpy() for t in host]
-        # Until a step fills them, every row is a one-token context in the scratch block.
-        h_ids, h_pos, h_slots, h_lens, h_tables = self._host
-        if h_ids is not None:
-            h_ids[:] = 0
-        h_pos[:], h_slots[:], h_lens[:], h_tables[:] = 0, scratch_block * block_size, 1, scratch_block
+        # Until a step fills them, every row is padding.
+        if self.token_ids:
+            self._host[0][:] = 0
+        self._pad(0, max_blocks)
         self.device_bytes.copy_(self.host_bytes)
+
+    def _pad(self, first: int, width: int) -> None:
+        """Rows from `first` on become one-token contexts in the scratch block (their token ids
+        stay: finite, and their outputs are dropped); `width` table columns are set."""
+        _, h_pos, h_slots, h_lens, h_tables = self._host
+        h_pos[first:], h_slots[first:], h_lens[first:] = 0, self.scratch_block * self.block_size, 1
+        h_tables[first:, :width] = self.scratch_block
 
     def _views(self, buf: torch.Tensor, rows64: int):
         batch = self.batch
@@ -44,23 +50,20 @@ class GraphInputs:
 
     def stage(self, ids: list[int] | None, seq_lens: list[int], block_tables: list[list[int]]) -> None:
         """Fills the inputs of len(seq_lens) sequences (ids: their token ids, or None when the
-        caller copies x itself); padding rows are one-token contexts in the scratch block and
-        keep their earlier token ids (finite; their outputs are dropped)."""
+        caller copies x itself); the rows past them are padding (`_pad`)."""
         if self.copied is not None:
             self.copied.synchronize()
-        n, bs, scratch = len(seq_lens), self.block_size, self.scratch_block
+        n, bs = len(seq_lens), self.block_size
         h_ids, h_pos, h_slots, h_lens, h_tables = self._host
         positions = [s - 1 for s in seq_lens]
         if ids is not None:
             h_ids[:n] = ids
-        h_pos[:n], h_pos[n:] = positions, 0
+        h_pos[:n], h_lens[:n] = positions, seq_lens
         h_slots[:n] = [t[p // bs] * bs + p % bs for t, p in zip(block_tables, positions)]
-        h_slots[n:] = scratch * bs
-        h_lens[:n], h_lens[n:] = seq_lens, 1
         width = (max(seq_lens) + bs - 1) // bs  # the kernels read no column past a row's length
-        filler = [scratch] * width
+        filler = [self.scratch_block] * width
         h_tables[:n, :width] = [(t[:width] + filler)[:width] for t in block_tables]
-        h_tables[n:, :width] = scratch
+        self._pad(n, width)
         self.device_bytes.copy_(self.host_bytes, non_blocking=True)
         if self.copied is not None:
             self.copied.record()
